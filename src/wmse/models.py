@@ -1,0 +1,183 @@
+"""Encoders (backbones) and projection heads.
+
+The ResNet backbones are plain torchvision ResNets whose stem is adapted to the image size
+(DESIGN §1) and whose ``fc`` is an ``nn.Identity``, so a backbone's ``state_dict`` loads
+unchanged into ``torchvision_resnet(arch, image_size, in_channels)``:
+
+================  ==========================================  =================================
+image size        conv1                                       maxpool
+================  ==========================================  =================================
+<= 32 px          3x3, stride 1, padding 1 (CIFAR)            removed (``nn.Identity``)
+33 .. 96 px       3x3, stride 1, padding 1 (STL-10, Tiny IN)  kept (3x3, stride 2)
+> 96 px           torchvision's 7x7, stride 2, padding 3      kept
+================  ==========================================  =================================
+
+``small`` is a four-block conv net for CPU demos (Fashion-MNIST at 28 px in a few minutes).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torchvision import models as tv_models
+
+__all__ = [
+    "ARCHS",
+    "RESNET_OUT_DIM",
+    "SmallConvNet",
+    "ProjectionHead",
+    "build_backbone",
+    "stem_kind",
+    "torchvision_resnet",
+]
+
+# Feature width after global pooling of each torchvision ResNet.
+RESNET_OUT_DIM: dict[str, int] = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+_RESNET_FACTORIES: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": tv_models.resnet18,
+    "resnet34": tv_models.resnet34,
+    "resnet50": tv_models.resnet50,
+}
+ARCHS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "small")
+
+# Image-size limits of the stems (inclusive upper bounds).
+CIFAR_STEM_MAX = 32
+SMALL_IMAGE_STEM_MAX = 96
+
+
+def stem_kind(image_size: int) -> str:
+    """Name of the stem used for square images of ``image_size`` pixels.
+
+    Returns ``"cifar"`` (3x3 conv1, no maxpool), ``"small_image"`` (3x3 conv1 + maxpool)
+    or ``"imagenet"`` (torchvision's 7x7 stride-2 conv1 + maxpool).
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+    if image_size <= CIFAR_STEM_MAX:
+        return "cifar"
+    if image_size <= SMALL_IMAGE_STEM_MAX:
+        return "small_image"
+    return "imagenet"
+
+
+def _check_in_channels(in_channels: int) -> None:
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1 (1 for grayscale, 3 for RGB), got {in_channels}")
+
+
+def torchvision_resnet(arch: str, image_size: int, in_channels: int = 3) -> nn.Module:
+    """A plain, randomly initialised torchvision ResNet with the stem for ``image_size``.
+
+    ``fc`` is replaced by ``nn.Identity`` so the model maps (B, C, H, W) -> (B, out_dim).
+    This is the reference architecture that exported backbone weights load into.
+
+    Args:
+        arch: ``"resnet18"``, ``"resnet34"`` or ``"resnet50"``.
+        image_size: side of the (square) training crops in pixels; selects the stem.
+        in_channels: image channels (3 RGB, 1 grayscale); replaces conv1's input width.
+    """
+    if arch not in _RESNET_FACTORIES:
+        raise ValueError(
+            f"arch {arch!r} is not a torchvision ResNet; choose one of {sorted(_RESNET_FACTORIES)}"
+        )
+    _check_in_channels(in_channels)
+    model = _RESNET_FACTORIES[arch](weights=None)
+    kind = stem_kind(image_size)
+    width = model.conv1.out_channels
+    if kind in ("cifar", "small_image"):
+        # Small images: a 7x7 stride-2 conv would discard most of the spatial detail.
+        model.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
+    elif in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
+    if kind == "cifar":
+        model.maxpool = nn.Identity()
+    if kind != "imagenet" or in_channels != 3:
+        # Same initialisation torchvision applies to its own convolutions.
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.fc = nn.Identity()
+    return model
+
+
+def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+    return [
+        nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    ]
+
+
+class SmallConvNet(nn.Module):
+    """Four conv-BN-ReLU blocks + global average pooling, for CPU demos.
+
+    Widths 32-64-128-``out_dim``; the first block has stride 2 and blocks 2-3 halve the
+    resolution again, so a 28 px image is processed at 14, 7 and 4 px: about 5 MFLOPs of
+    multiply-adds per image (a ResNet-18 at 32 px needs ~0.56 GMAC).
+
+    Shapes: (B, in_channels, H, W) float -> (B, out_dim).
+    """
+
+    def __init__(self, in_channels: int = 3, out_dim: int = 256) -> None:
+        super().__init__()
+        _check_in_channels(in_channels)
+        self.out_dim = out_dim
+        self.features = nn.Sequential(
+            *_conv_bn_relu(in_channels, 32, stride=2),
+            *_conv_bn_relu(32, 64),
+            nn.MaxPool2d(2, ceil_mode=True),
+            *_conv_bn_relu(64, 128),
+            nn.MaxPool2d(2, ceil_mode=True),
+            *_conv_bn_relu(128, out_dim),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, out_dim)."""
+        return torch.flatten(self.pool(self.features(x)), 1)
+
+
+def build_backbone(arch: str, image_size: int, in_channels: int = 3) -> nn.Module:
+    """The encoder E: (B, in_channels, H, W) float -> (B, out_dim).
+
+    For ResNets the returned module *is* ``torchvision_resnet(arch, image_size, in_channels)``
+    (same class, same state_dict keys) with an extra ``out_dim`` attribute (512 for
+    resnet18/34, 2048 for resnet50). ``"small"`` gives a :class:`SmallConvNet` (out_dim 256).
+    """
+    if arch == "small":
+        stem_kind(image_size)  # validates image_size
+        return SmallConvNet(in_channels)
+    if arch not in RESNET_OUT_DIM:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {list(ARCHS)}")
+    model = torchvision_resnet(arch, image_size, in_channels)
+    model.out_dim = RESNET_OUT_DIM[arch]
+    return model
+
+
+class ProjectionHead(nn.Sequential):
+    """The projection head g: Linear -> BatchNorm1d -> ReLU -> Linear [-> BatchNorm1d].
+
+    ``bn_last=True`` appends ``BatchNorm1d(out_dim)`` (with affine parameters, as the official
+    Contrastive baseline does after its head). The same class is BYOL's predictor.
+
+    Shapes: (B, in_dim) -> (B, out_dim).
+    """
+
+    def __init__(self, in_dim: int, hidden: int = 1024, out_dim: int = 64, bn_last: bool = False) -> None:
+        for name, value in (("in_dim", in_dim), ("hidden", hidden), ("out_dim", out_dim)):
+            if value < 1:
+                raise ValueError(f"ProjectionHead {name} must be >= 1, got {value}")
+        layers: list[nn.Module] = [
+            nn.Linear(in_dim, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, out_dim),
+        ]
+        if bn_last:
+            layers.append(nn.BatchNorm1d(out_dim))
+        super().__init__(*layers)
+        self.in_dim = in_dim
+        self.out_dim = out_dim
