@@ -1,0 +1,96 @@
+"""Progress output on stderr and metrics files (JSONL + TensorBoard) in the run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+
+def format_seconds(s: float) -> str:
+    if not math.isfinite(s):
+        return "--:--"
+    s = int(s)
+    h, rem = divmod(s, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60:02d}:{rem % 60:02d}"
+
+
+class Progress:
+    """One status line: epoch, step, loss, lr, img/s and ETA.
+
+    On a terminal the line is redrawn in place; elsewhere (CI, log files) it is printed every
+    ``every`` seconds so logs stay short.
+    """
+
+    def __init__(self, total_steps: int, stream: TextIO | None = None, every: float = 10.0) -> None:
+        self.total = total_steps
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.every = 0.2 if self.tty else every
+        self.last_print = 0.0
+        self.t0 = time.perf_counter()
+        self.first_step: int | None = None
+
+    def update(self, step: int, epoch: int, epochs: int, loss: float, lr: float, img_per_s: float, force: bool = False) -> None:
+        now = time.perf_counter()
+        if self.first_step is None:
+            self.first_step, self.t0 = step, now
+        if not force and now - self.last_print < self.every:
+            return
+        self.last_print = now
+        done = step - self.first_step
+        rate = done / (now - self.t0) if now > self.t0 and done > 0 else float("nan")
+        eta = (self.total - step) / rate if rate and rate > 0 else float("nan")
+        line = (f"epoch {epoch + 1}/{epochs} step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
+                f"{img_per_s:,.0f} img/s ETA {format_seconds(eta)}")
+        if self.tty:
+            self.stream.write("\r" + line.ljust(100))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class MetricsLog:
+    """Appends one JSON object per line to RUN/metrics.jsonl and mirrors scalars to TensorBoard (RUN/tb)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.file = self.path.open("a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            except ImportError:  # tensorboard is a dependency, but a stripped install should still train
+                print("note: tensorboard not installed; metrics go to metrics.jsonl only", file=sys.stderr)
+
+    def write(self, kind: str, step: int, **values: Any) -> None:
+        record = {"kind": kind, "step": step, **values}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and key not in ("epoch",):
+                    self.tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """All records of RUN/metrics.jsonl (an empty list when there is none)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
