@@ -111,11 +111,11 @@ def _decode_one(path: str, resize: int | None) -> np.ndarray:
             img.draft(img.mode, (resize, resize))
         img = img.convert("L") if img.mode in ("L", "I;16", "I", "1") else img.convert("RGB")
         if resize is not None:
+            # torchvision's Resize(resize) + CenterCrop(resize) sizes and offsets.
             w, h = img.size
-            scale = resize / min(w, h)
-            nw, nh = max(resize, round(w * scale)), max(resize, round(h * scale))
+            nw, nh = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
             img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-            left, top = (nw - resize) // 2, (nh - resize) // 2
+            left, top = int(round((nw - resize) / 2.0)), int(round((nh - resize) / 2.0))
             img = img.crop((left, top, left + resize, top + resize))
         return np.asarray(img)
 

@@ -1,0 +1,408 @@
+"""Batched per-sample augmentation on the batch's device (CPU or CUDA), in plain torch.
+
+The recipe (DESIGN §1, torchvision semantics) for every view of every image, each with its own
+random parameters:
+
+    RandomApply(ColorJitter(b, c, s, h), p=jitter_p)   # the 4 ops in a random order per sample
+    -> RandomGrayscale(p=grayscale_p)
+    -> RandomResizedCrop(size, scale, ratio, bicubic, antialias)
+    -> RandomHorizontalFlip(p=flip_p)
+    -> Normalize(mean, std)
+
+How it is computed (and why it equals torchvision's float-tensor functional ops):
+
+* Colour ops run at the input resolution, before the crop, as in the recipe: contrast blends
+  with the mean of the whole image, so cropping first would change the result.
+* ``order[:, k]`` is the op each sample applies at stage k. Brightness, contrast and saturation
+  are all ``clamp(f * x + (1 - f) * ref)`` with ref = 0, the gray mean, or the gray image, so one
+  blend per stage serves every sample (a sample doing another op uses f = 1, an exact identity).
+  Hue (RGB -> HSV shift -> RGB, torchvision's formulas) runs on the selected samples only on the
+  CPU, and on all samples with ``torch.where`` on CUDA (no host sync from data-dependent shapes).
+* Crop + resize + flip is one pair of batched matmuls: per sample a (size x H) and a
+  (size x W) weight matrix holding exactly the weights of torch's antialiased resize of the crop
+  (Keys cubic a = -0.5, as PIL; the filter widens when downscaling), with edge taps clamped to
+  the crop like torchvision's crop-then-resize; a flipped sample has its column matrix reversed.
+* Everything stays float32 in [0, 1] between ops (torchvision on uint8/PIL rounds after every
+  op: differences of at most ~0.5/255 per op). The resized image is clamped to [0, 1] as the
+  uint8 pipelines do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["AugmentConfig", "ViewParams", "Augmenter", "eval_transform", "sample_crop_boxes",
+           "resize_weights", "resized_crop", "adjust_hue", "rgb_to_grayscale"]
+
+_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = 0, 1, 2, 3
+
+
+@dataclass
+class AugmentConfig:
+    """Parameters of the training augmentation (defaults: the paper's CIFAR/STL/Tiny IN recipe)."""
+
+    size: int
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.1
+    flip_p: float = 0.5
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"AugmentConfig: size={self.size!r} must be a positive int")
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"AugmentConfig: crop_scale={self.crop_scale} must satisfy 0 < lo <= hi <= 1")
+        if not 0.0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"AugmentConfig: crop_ratio={self.crop_ratio} must satisfy 0 < lo <= hi")
+        if len(self.jitter) != 4 or min(self.jitter) < 0 or self.jitter[3] > 0.5:
+            raise ValueError(f"AugmentConfig: jitter={self.jitter} must be 4 values >= 0 with hue <= 0.5")
+        for name in ("jitter_p", "grayscale_p", "flip_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"AugmentConfig: {name}={getattr(self, name)} must be a probability in [0, 1]")
+        if self.interpolation not in ("bicubic", "bilinear"):
+            raise ValueError(f"AugmentConfig: interpolation={self.interpolation!r} must be 'bicubic' or 'bilinear'")
+
+    @classmethod
+    def imagenet100(cls, size: int = 224) -> "AugmentConfig":
+        """The ImageNet-100 values of DESIGN §1: crop scale (0.08, 1), jitter 0.8/0.8/0.8/0.2, gray 0.2."""
+        return cls(size=size, crop_scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), grayscale_p=0.2)
+
+    @classmethod
+    def for_dataset(cls, name: str, size: int | None = None) -> "AugmentConfig":
+        """Paper defaults by dataset name: 32 px for CIFAR, 64 px for STL-10 / Tiny IN, 224 for IN-100."""
+        key = name.lower().replace("-", "_")
+        default = {"cifar10": 32, "cifar100": 32, "stl10": 64, "tiny_imagenet": 64, "imagenet100": 224,
+                   "fashion_mnist": 28}.get(key)
+        if size is None and default is None:
+            raise ValueError(f"AugmentConfig.for_dataset: no default size for {name!r}; pass size=")
+        if key == "imagenet100":
+            return cls.imagenet100(size or 224)
+        return cls(size=size or default)
+
+
+@dataclass
+class ViewParams:
+    """Random parameters of one view for N images (all on one device).
+
+    Attributes:
+        boxes: int64 ``(N, 4)``: top, left, height, width of the crop.
+        flip: bool ``(N,)``.
+        jitter: bool ``(N,)``: ColorJitter applied.
+        order: int64 ``(N, 4)``: op applied at each stage (0 brightness, 1 contrast, 2 saturation, 3 hue).
+        factors: float32 ``(N, 4)``: brightness, contrast, saturation factors and hue shift.
+        gray: bool ``(N,)``: RandomGrayscale applied.
+    """
+
+    boxes: Tensor
+    flip: Tensor
+    jitter: Tensor
+    order: Tensor
+    factors: Tensor
+    gray: Tensor
+
+    def to(self, device: torch.device) -> "ViewParams":
+        return ViewParams(*(getattr(self, f).to(device, non_blocking=True) for f in
+                            ("boxes", "flip", "jitter", "order", "factors", "gray")))
+
+
+# ------------------------------------------------------------------ parameter sampling
+
+def _uniform(n: int | tuple[int, ...], lo: float, hi: float, generator: torch.Generator | None,
+             device: torch.device) -> Tensor:
+    shape = (n,) if isinstance(n, int) else n
+    return torch.rand(shape, generator=generator, device=device, dtype=torch.float64) * (hi - lo) + lo
+
+
+def sample_crop_boxes(n: int, height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
+                      generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
+    """Vectorised ``torchvision.transforms.RandomResizedCrop.get_params`` for n images.
+
+    Up to 10 tries per image of area ~ U(scale) * H * W and log aspect ratio ~ U(log ratio); the
+    first try that fits is used, otherwise the central crop clipped to the ratio range.
+
+    Returns:
+        int64 ``(n, 4)``: top, left, height, width.
+    """
+    device = torch.device(device)
+    area = height * width
+    target = area * _uniform((n, 10), scale[0], scale[1], generator, device)
+    aspect = torch.exp(_uniform((n, 10), math.log(ratio[0]), math.log(ratio[1]), generator, device))
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.to(torch.int8).argmax(dim=1, keepdim=True)  # index of the first fitting try
+    ok = fits.any(dim=1)
+    h = h.gather(1, first).squeeze(1)
+    w = w.gather(1, first).squeeze(1)
+    # Fallback, as torchvision: whole image, clipped to the nearest allowed aspect ratio.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fw, fh = int(round(height * max(ratio))), height
+    else:
+        fw, fh = width, height
+    h = torch.where(ok, h, torch.full_like(h, fh))
+    w = torch.where(ok, w, torch.full_like(w, fw))
+    u = torch.rand((n, 2), generator=generator, device=device, dtype=torch.float64)
+    top = torch.floor(u[:, 0] * (height - h + 1))
+    left = torch.floor(u[:, 1] * (width - w + 1))
+    top = torch.where(ok, top, torch.full_like(top, (height - fh) // 2))
+    left = torch.where(ok, left, torch.full_like(left, (width - fw) // 2))
+    return torch.stack([top, left, h, w], dim=1).to(torch.int64)
+
+
+def sample_params(cfg: AugmentConfig, n: int, height: int, width: int,
+                  generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> ViewParams:
+    """Draw the parameters of one view for n images of size (height, width)."""
+    device = torch.device(device)
+    boxes = sample_crop_boxes(n, height, width, cfg.crop_scale, cfg.crop_ratio, generator, device)
+    u = torch.rand((n, 3), generator=generator, device=device)
+    b, c, s, hue = cfg.jitter
+    factors = torch.stack([
+        _uniform(n, max(0.0, 1 - b), 1 + b, generator, device),
+        _uniform(n, max(0.0, 1 - c), 1 + c, generator, device),
+        _uniform(n, max(0.0, 1 - s), 1 + s, generator, device),
+        _uniform(n, -hue, hue, generator, device),
+    ], dim=1).to(torch.float32)
+    order = torch.rand((n, 4), generator=generator, device=device).argsort(dim=1)  # uniform permutations
+    return ViewParams(boxes=boxes, flip=u[:, 0] < cfg.flip_p, jitter=u[:, 1] < cfg.jitter_p, order=order,
+                      factors=factors, gray=u[:, 2] < cfg.grayscale_p)
+
+
+# ------------------------------------------------------------------ colour ops (float in [0, 1])
+
+def rgb_to_grayscale(x: Tensor) -> Tensor:
+    """``(N, 3, H, W)`` -> ``(N, 1, H, W)`` luma with torchvision's weights (``(N, 1, ...)`` passes through)."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(dim=1)
+    return (r * _GRAY[0] + g * _GRAY[1] + b * _GRAY[2]).unsqueeze(1)
+
+
+def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
+    """Rotate hue by ``shift`` (N,) in [-0.5, 0.5] turns; x float ``(N, 3, H, W)`` in [0, 1].
+
+    Same HSV model as torchvision; HSV -> RGB uses the closed form
+    ``c_n = V - V*S*clamp(min(k, 4 - k), 0, 1)``, ``k = (n + 6H) mod 6``, n = 5, 3, 1 for R, G, B.
+    """
+    if x.shape[1] != 3:
+        return x
+    r, g, b = x.unbind(dim=1)
+    maxc, minc = torch.aminmax(x, dim=1)
+    chroma = maxc - minc
+    div = torch.where(chroma == 0, torch.ones_like(chroma), chroma)
+    h6 = torch.where(maxc == r, (g - b) / div, torch.where(maxc == g, (b - r) / div + 2.0, (r - g) / div + 4.0))
+    h6 = torch.remainder(h6 + 6.0 * shift.view(-1, 1, 1), 6.0)
+    k = h6.unsqueeze(1) + torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = torch.where(k >= 6.0, k - 6.0, k)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return maxc.unsqueeze(1) - chroma.unsqueeze(1) * ramp
+
+
+def _jitter_stage(x: Tensor, op: Tensor, active: Tensor, factors: Tensor, masked_hue: bool) -> Tensor:
+    """Apply, for each sample, the one op ``op`` (N,) it does at this stage (where ``active``)."""
+    n, c = x.shape[:2]
+    is_b, is_c, is_s = (active & (op == _BRIGHTNESS)), (active & (op == _CONTRAST)), (active & (op == _SATURATION))
+    if c == 1:
+        is_s = torch.zeros_like(is_s)  # saturation is the identity on one channel (torchvision)
+    blend = is_b | is_c | is_s
+    f = torch.where(is_b, factors[:, 0], torch.where(is_c, factors[:, 1], torch.where(is_s, factors[:, 2], 1.0)))
+    f = torch.where(blend, f, torch.ones_like(f)).view(n, 1, 1, 1)
+    gray = rgb_to_grayscale(x)
+    ref = gray * is_s.view(n, 1, 1, 1) + gray.mean(dim=(1, 2, 3), keepdim=True) * is_c.view(n, 1, 1, 1)
+    x = (x * f + ref * (1.0 - f)).clamp_(0.0, 1.0)
+    if c == 3:
+        is_h = active & (op == _HUE)
+        if masked_hue:
+            x = torch.where(is_h.view(n, 1, 1, 1), adjust_hue(x, factors[:, 3]), x)
+        else:
+            sel = is_h.nonzero().flatten()
+            if sel.numel():
+                x[sel] = adjust_hue(x[sel], factors[sel, 3])
+    return x
+
+
+def color_jitter(x: Tensor, params: ViewParams, masked_hue: bool | None = None) -> Tensor:
+    """RandomApply(ColorJitter) with per-sample factors and op order; x float ``(N, C, H, W)`` in [0, 1]."""
+    masked_hue = x.is_cuda if masked_hue is None else masked_hue
+    for stage in range(4):
+        x = _jitter_stage(x, params.order[:, stage], params.jitter, params.factors, masked_hue)
+    return x
+
+
+def random_grayscale(x: Tensor, gray: Tensor) -> Tensor:
+    """Replace the selected samples (``gray`` (N,) bool) by their 3-channel luma."""
+    if x.shape[1] == 1:
+        return x
+    return torch.where(gray.view(-1, 1, 1, 1), rgb_to_grayscale(x).expand_as(x), x)
+
+
+# ------------------------------------------------------------------ crop + resize + flip
+
+def _filter(d: Tensor, interpolation: str) -> Tensor:
+    """Resampling kernel at distance d: Keys cubic (a = -0.5, PIL/torch antialias) or triangle."""
+    d = d.abs()
+    if interpolation == "bilinear":
+        return (1.0 - d).clamp_min(0.0)
+    a = -0.5
+    near = ((a + 2.0) * d - (a + 3.0)) * d * d + 1.0
+    far = (((d - 5.0) * d + 8.0) * d - 4.0) * a
+    return torch.where(d < 1.0, near, torch.where(d < 2.0, far, torch.zeros_like(d)))
+
+
+def resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int,
+                   interpolation: str = "bicubic") -> Tensor:
+    """Per-sample 1-D resampling matrices of the segment ``[start, start + length)`` to ``out_size``.
+
+    Reproduces torch's ``interpolate(..., antialias=True)`` weights on the cropped segment
+    (support widened by the scale when downscaling, taps outside the segment dropped and the
+    rest renormalised, i.e. edges clamped to the crop).
+
+    Args:
+        start, length: int64 ``(N,)``.
+    Returns:
+        float32 ``(N, out_size, in_size)``: output = W @ input along that axis.
+    """
+    device = start.device
+    n = start.shape[0]
+    length_f = length.to(torch.float32).view(-1, 1, 1)
+    scale = length_f / out_size
+    unit = 1.0 if interpolation == "bilinear" else 2.0
+    support = torch.where(scale >= 1.0, unit * scale, torch.full_like(scale, unit))
+    invscale = torch.where(scale >= 1.0, 1.0 / scale, torch.ones_like(scale))
+    center = scale * (torch.arange(out_size, device=device, dtype=torch.float32).view(1, -1, 1) + 0.5)
+    lo = torch.trunc(center - support + 0.5).clamp_min_(0.0)
+    hi = torch.minimum(torch.trunc(center + support + 0.5), length_f)
+    # Only the taps inside the filter support are computed (static bound, no host sync), then
+    # scattered into the dense matrix that the batched matmul consumes.
+    taps = min(in_size, int(math.ceil(2.0 * unit * max(1.0, in_size / out_size))) + 1)
+    t = lo + torch.arange(taps, device=device, dtype=torch.float32).view(1, 1, -1)  # crop-relative (N, S, K)
+    w = _filter((t - center + 0.5) * invscale, interpolation) * (t < hi)
+    w = w / w.sum(dim=-1, keepdim=True)
+    idx = (t + start.to(torch.float32).view(-1, 1, 1)).clamp_max_(in_size - 1).to(torch.int64)
+    return torch.zeros(n, out_size, in_size, device=device).scatter_add_(2, idx, w)
+
+
+def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None,
+                 interpolation: str = "bicubic") -> Tensor:
+    """Crop ``boxes`` (N, 4: top, left, h, w) of float ``x (N, C, H, W)``, resize to size x size, flip.
+
+    Returns:
+        float32 ``(N, C, size, size)`` (not clamped; the caller clamps).
+    """
+    n, _, height, width = x.shape
+    wy = resize_weights(boxes[:, 0], boxes[:, 2], height, size, interpolation)  # (N, S, H)
+    wx = resize_weights(boxes[:, 1], boxes[:, 3], width, size, interpolation)  # (N, S, W)
+    if flip is not None:
+        wx = torch.where(flip.view(-1, 1, 1), wx.flip(1), wx)
+    # (N, 1, S, H) @ (N, C, H, W) @ (N, 1, W, S) -> (N, C, S, S)
+    return torch.matmul(torch.matmul(wy.unsqueeze(1), x), wx.transpose(1, 2).unsqueeze(1))
+
+
+# ------------------------------------------------------------------ the augmenter
+
+def _stats_tensor(values: Sequence[float], channels: int, device: torch.device, name: str) -> Tensor:
+    t = torch.as_tensor(values, dtype=torch.float32, device=device).flatten()
+    if t.numel() == 1:
+        t = t.expand(channels)
+    if t.numel() != channels:
+        raise ValueError(f"{name} has {t.numel()} values for {channels}-channel images")
+    return t.view(1, channels, 1, 1)
+
+
+class Augmenter:
+    """Batched W-MSE augmentation: uint8 images -> ``n_views`` normalised float views.
+
+    Args:
+        cfg: the augmentation parameters.
+        mean, std: per-channel statistics in [0, 1] units (one value is broadcast to all channels).
+        chunk: images processed at a time on the CPU (keeps temporaries in cache); CUDA uses the whole batch.
+    """
+
+    def __init__(self, cfg: AugmentConfig, mean: Sequence[float], std: Sequence[float], chunk: int = 128) -> None:
+        if any(s <= 0 for s in std):
+            raise ValueError(f"Augmenter: std={tuple(std)} must be > 0")
+        self.cfg, self.mean, self.std, self.chunk = cfg, tuple(mean), tuple(std), chunk
+
+    def sample(self, n: int, height: int, width: int, generator: torch.Generator | None = None) -> ViewParams:
+        """Parameters of one view, drawn on the generator's device (CPU by default)."""
+        device = generator.device if generator is not None else torch.device("cpu")
+        return sample_params(self.cfg, n, height, width, generator, device)
+
+    def apply(self, images: Tensor, params: ViewParams, normalize: bool = True) -> Tensor:
+        """One view with given parameters: uint8 ``(N, C, H, W)`` -> float32 ``(N, C, size, size)``."""
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"Augmenter: images must be uint8 (N, C, H, W), got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        params = params.to(images.device)
+        n, c = images.shape[:2]
+        step = n if images.is_cuda else max(1, self.chunk)
+        parts = []
+        for s in range(0, n, step):
+            p = ViewParams(*(getattr(params, f)[s:s + step] for f in
+                             ("boxes", "flip", "jitter", "order", "factors", "gray")))
+            x = images[s:s + step].to(torch.float32).div_(255.0)
+            x = color_jitter(x, p)
+            x = random_grayscale(x, p.gray)
+            x = resized_crop(x, p.boxes, self.cfg.size, p.flip, self.cfg.interpolation).clamp_(0.0, 1.0)
+            parts.append(x)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if normalize:
+            mean = _stats_tensor(self.mean, c, out.device, "mean")
+            std = _stats_tensor(self.std, c, out.device, "std")
+            out = out.sub_(mean).div_(std)
+        return out
+
+    def __call__(self, images: Tensor, n_views: int, generator: torch.Generator | None = None) -> list[Tensor]:
+        """``n_views`` independent views, each float32 ``(N, C, size, size)`` on ``images.device``."""
+        if n_views < 1:
+            raise ValueError(f"Augmenter: n_views={n_views} must be >= 1")
+        n, _, h, w = images.shape
+        return [self.apply(images, self.sample(n, h, w, generator)) for _ in range(n_views)]
+
+
+def eval_transform(images: Tensor, size: int, mean: Sequence[float], std: Sequence[float],
+                   resize: int | None = None, interpolation: str = "bicubic") -> Tensor:
+    """Evaluation view: optional Resize(shorter side = ``resize``) + CenterCrop(size) + normalise.
+
+    Matches torchvision's ``Resize(resize, antialias=True)`` (long side ``int(resize * long / short)``)
+    and ``CenterCrop(size)`` (offset ``round((H - size) / 2)``) on float images.
+
+    Args:
+        images: uint8 ``(N, C, H, W)``.
+    Returns:
+        float32 ``(N, C, size, size)`` on the images' device.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"eval_transform: images must be uint8 (N, C, H, W), got {images.dtype} "
+                         f"{tuple(images.shape)}")
+    n, c, height, width = images.shape
+    x = images.to(torch.float32).div_(255.0)
+    if resize is not None:
+        short, long = min(height, width), max(height, width)
+        new_long = int(resize * long / short)
+        nh, nw = (resize, new_long) if height <= width else (new_long, resize)
+        dev = images.device
+        zero, one = torch.zeros(1, dtype=torch.int64, device=dev), torch.ones(1, dtype=torch.int64, device=dev)
+        wy = resize_weights(zero, one * height, height, nh, interpolation)[0]
+        wx = resize_weights(zero, one * width, width, nw, interpolation)[0]
+        x = torch.matmul(torch.matmul(wy, x), wx.t()).clamp_(0.0, 1.0)
+        height, width = nh, nw
+    if size > height or size > width:
+        raise ValueError(f"eval_transform: size={size} exceeds the image ({height}x{width}); pass resize>={size}")
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    x = x[:, :, top:top + size, left:left + size]
+    mean_t = _stats_tensor(mean, c, x.device, "mean")
+    std_t = _stats_tensor(std, c, x.device, "std")
+    return ((x - mean_t) / std_t).contiguous()
