@@ -219,6 +219,11 @@ def load_listing(folder: Path, listing: Listing, resize: int | None = None, cach
             except OSError as exc:  # read-only location: still return the data
                 warnings.warn(f"could not write decode cache {cache_file}: {exc}; set WMSE_CACHE to a writable "
                               "directory", stacklevel=2)
+    elif not bool(keep.all()):
+        # Cache hit: repeat the decode-time warning so a reload still reports the skipped files.
+        bad = [f for f, k in zip(listing.files, keep.tolist()) if not k]
+        warnings.warn(f"{what}: skipped {len(bad)} unreadable image file(s) of {len(listing.files)}: "
+                      + "; ".join(bad[:_MAX_SHOWN]) + (" ..." if len(bad) > _MAX_SHOWN else ""), stacklevel=2)
     kept = keep.nonzero().flatten().tolist()
     labels = torch.tensor([listing.labels[i] for i in kept], dtype=torch.int64)
     paths = [listing.files[i] for i in kept]
