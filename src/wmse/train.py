@@ -57,8 +57,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _subset(ds: ImageDataset, idx: Tensor) -> ImageDataset:
+    paths = [ds.paths[i] for i in idx.tolist()] if ds.paths is not None else None
+    return ImageDataset(images=ds.images[idx], labels=ds.labels[idx], classes=ds.classes, paths=paths, name=ds.name)
+
+
 def load_data(cfg: Config, log=print) -> Data:
-    """Load the training split and a labelled evaluation pair (test split, or a seeded held-out split)."""
+    """Load the training split and a labelled evaluation pair (test split, or a seeded held-out split).
+
+    The kNN / linear classifier fits on ``clf_split`` (default: the labelled images of the training split,
+    e.g. STL-10's "train" when pretraining on "train+unlabeled") and is scored on ``eval_split``; without
+    an eval split, a seeded per-class part of the training split is held out of pretraining and scored on.
+    """
     t0 = time.perf_counter()
     train = load(cfg.dataset, cfg.train_split, cfg.data_dir)
     log(f"data: {cfg.dataset}/{cfg.train_split}: {len(train)} images {tuple(train.images.shape[1:])} "
@@ -67,21 +77,25 @@ def load_data(cfg: Config, log=print) -> Data:
         mean, std = dataset_stats(cfg.dataset)
     except (KeyError, ValueError):
         mean, std = compute_stats(train.images)
-    labelled = bool((train.labels >= 0).any())
-    if not labelled:
+    if cfg.eval_split is None:
+        if not bool((train.labels >= 0).any()):
+            return Data(train, None, None, None, None, mean, std, "no labels: kNN monitoring off")
+        train_idx, test_idx = split_per_class(train.labels, cfg.holdout, cfg.seed)
+        kept, held = _subset(train, train_idx), _subset(train, test_idx)
+        note = (f"evaluation on a seeded per-class held-out split of {cfg.train_split}: {len(test_idx)} images "
+                f"(holdout={cfg.holdout}, seed={cfg.seed}); pretraining and the classifiers use the other "
+                f"{len(train_idx)}")
+        return Data(kept, kept.images, kept.labels, held.images, held.labels, mean, std, note)
+    clf = load(cfg.dataset, cfg.clf_split, cfg.data_dir) if cfg.clf_split else train
+    labelled = clf.labels >= 0
+    if not bool(labelled.any()):
         return Data(train, None, None, None, None, mean, std, "no labels: kNN monitoring off")
-    if cfg.eval_split:
-        test = load(cfg.dataset, cfg.eval_split, cfg.data_dir)
-        note = f"evaluation on the {cfg.eval_split} split ({len(test)} images)"
-        return Data(train, train.images, train.labels, test.images, test.labels, mean, std, note)
-    train_idx, test_idx = split_per_class(train.labels, cfg.holdout, cfg.seed)
-    note = (f"evaluation on a seeded per-class held-out split of {cfg.train_split}: {len(test_idx)} images "
-            f"(holdout={cfg.holdout}, seed={cfg.seed}); pretraining uses the other {len(train_idx)}")
-    held = ImageDataset(images=train.images[test_idx], labels=train.labels[test_idx], classes=train.classes,
-                        paths=None, name=train.name)
-    kept = ImageDataset(images=train.images[train_idx], labels=train.labels[train_idx], classes=train.classes,
-                        paths=None, name=train.name)
-    return Data(kept, kept.images, kept.labels, held.images, held.labels, mean, std, note)
+    if not bool(labelled.all()):
+        clf = _subset(clf, labelled.nonzero().squeeze(1))
+    test = load(cfg.dataset, cfg.eval_split, cfg.data_dir)
+    note = (f"classifiers fit on {cfg.clf_split or cfg.train_split} ({len(clf)} labelled images), "
+            f"scored on {cfg.eval_split} ({len(test)} images)")
+    return Data(train, clf.images, clf.labels, test.images, test.labels, mean, std, note)
 
 
 def augment_config(cfg: Config) -> AugmentConfig:
@@ -121,7 +135,7 @@ def subsample(images: Tensor, labels: Tensor, n: int | None, seed: int) -> tuple
 
 
 def knn_monitor(method: Method, data: Data, cfg: Config, device: torch.device, transform) -> dict:
-    """Cheap kNN accuracy (k = cfg.knn_k) on at most cfg.eval_max_train training images."""
+    """Cheap kNN accuracy in percent (k = cfg.knn_k) on at most cfg.eval_max_train training images."""
     tr_x, tr_y = subsample(data.eval_train_images, data.eval_train_labels, cfg.eval_max_train, cfg.seed)
     te_x, te_y = subsample(data.eval_test_images, data.eval_test_labels, cfg.eval_max_train, cfg.seed + 1)
     f_tr = encode(method, tr_x, transform, cfg, device)
@@ -130,7 +144,7 @@ def knn_monitor(method: Method, data: Data, cfg: Config, device: torch.device, t
 
 
 def final_evaluation(method: Method, initial_state: dict, data: Data, cfg: Config, device, transform, log) -> dict:
-    """kNN + linear probe of the trained encoder and of the same encoder at its random initialisation."""
+    """kNN + linear probe (percentages) of the trained encoder and of the same encoder at its random init."""
     results = {}
     trained_state = copy.deepcopy(method.state_dict())
     for name, state in (("random_init", initial_state), ("trained", trained_state)):
@@ -141,7 +155,7 @@ def final_evaluation(method: Method, initial_state: dict, data: Data, cfg: Confi
         lin = linear_probe(f_tr, data.eval_train_labels, f_te, data.eval_test_labels, epochs=cfg.linear_epochs,
                            seed=cfg.seed, device=device)
         results[name] = {"knn_top1": knn, "linear_top1": lin["top1"], "linear_top5": lin["top5"]}
-        log(f"final eval [{name}]: kNN(k={cfg.knn_k}) {100 * knn:.2f}%  linear top-1 {100 * lin['top1']:.2f}%")
+        log(f"final eval [{name}]: kNN(k={cfg.knn_k}) {knn:.2f}%  linear top-1 {lin['top1']:.2f}%")
     method.load_state_dict(trained_state)
     return results
 
@@ -149,10 +163,9 @@ def final_evaluation(method: Method, initial_state: dict, data: Data, cfg: Confi
 def format_final(results: dict, note: str) -> str:
     rows = [f"{'encoder':<14}{'kNN top-1':>11}{'linear top-1':>14}{'linear top-5':>14}"]
     for name, r in results.items():
-        rows.append(f"{name:<14}{100 * r['knn_top1']:>10.2f}%{100 * r['linear_top1']:>13.2f}%"
-                    f"{100 * r['linear_top5']:>13.2f}%")
+        rows.append(f"{name:<14}{r['knn_top1']:>10.2f}%{r['linear_top1']:>13.2f}%{r['linear_top5']:>13.2f}%")
     if "trained" in results and "random_init" in results:
-        gain = 100 * (results["trained"]["knn_top1"] - results["random_init"]["knn_top1"])
+        gain = results["trained"]["knn_top1"] - results["random_init"]["knn_top1"]
         rows.append(f"kNN gain over random init: {gain:+.2f} points")
     rows.append(f"({note})")
     return "\n".join(rows)
@@ -187,7 +200,8 @@ class StopFlag:
 
 
 def make_run_dir(cfg: Config) -> Path:
-    name = cfg.run_name or f"{cfg.dataset}-{cfg.method}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = cfg.run_name or f"{cfg.preset or cfg.dataset + '-' + cfg.method}-{stamp}"
     run_dir = Path(cfg.out_dir) / name
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -343,7 +357,7 @@ def end_of_epoch(method, data, cfg, device, transform, metrics, step, epoch_done
     diag = diagnostics_record(method, data, cfg, device, transform)
     metrics.write("eval", step, epoch=epoch_done, **result)
     metrics.write("diagnostics", step, epoch=epoch_done, **diag)
-    log(f"epoch {epoch_done}: kNN top-1 {100 * result['knn_top1']:.2f}% "
+    log(f"epoch {epoch_done}: kNN top-1 {result['knn_top1']:.2f}% "
         f"(eff. rank features {diag.get('feature_eff_rank', float('nan')):.1f}) [{seconds:.0f}s/epoch]")
 
 

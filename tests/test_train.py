@@ -1,0 +1,128 @@
+"""The pretraining loop end to end on a tiny image folder: every method runs, resume is exact, the run
+directory holds config, metrics and checkpoint, and the CLI turns user errors into one line + exit 2."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wmse.checkpoint import load_checkpoint
+from wmse.cli import main
+from wmse.config import get_preset
+from wmse.progress import read_metrics
+from wmse.train import pretrain
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """128 RGB 16 px images in 2 classes that differ in colour, as PNG files in class subfolders."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["red", "blue"]):
+        (root / name).mkdir()
+        for i in range(64):
+            img = rng.integers(0, 80, (16, 16, 3), dtype=np.uint8)
+            img[..., 0 if c == 0 else 2] += 150
+            Image.fromarray(img).save(root / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("WMSE_CACHE", str(tmp_path / "cache"))
+
+
+def tiny_config(folder, out_dir, **kw):
+    base = dict(
+        dataset="folder", data_dir=str(folder), eval_split=None, holdout=0.1, arch="small", image_size=16,
+        emb=8, head_hidden=32, w_size=16, batch_size=32, epochs=2, lr=1e-3, warmup_iters=2, schedule="step",
+        precision="fp32", channels_last=False, eval_every=1, ckpt_every=1, log_every=1, eval_max_train=None,
+        out_dir=str(out_dir), run_name="run", linear_epochs=5, threads=1, predictor_hidden=32,
+    )
+    base.update(kw)
+    return get_preset("cifar10-wmse2").replace(**base)
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("method,extra", [("wmse", {"n_views": 2}), ("wmse", {"n_views": 4, "w_iter": 2}),
+                                          ("contrastive", {}), ("byol", {})])
+def test_each_method_trains_and_writes_a_run_directory(tiny_folder, tmp_path, method, extra):
+    cfg = tiny_config(tiny_folder, tmp_path, method=method, **extra)
+    run = pretrain(cfg, log=lambda m: None)
+    assert json.loads((run / "config.json").read_text())["method"] == method
+    records = read_metrics(run)
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) == 2 * 3 and all(np.isfinite(r["loss"]) for r in train)  # 115 images // 32 = 3 steps/epoch
+    assert [r["epoch"] for r in records if r["kind"] == "eval"] == [1, 2]
+    assert any(r["kind"] == "diagnostics" for r in records)
+    ckpt = load_checkpoint(run)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 6 and ckpt["config"]["method"] == method
+    assert set(ckpt["backbone"]) == {k.removeprefix("backbone.") for k in ckpt["method"] if k.startswith("backbone.")}
+    assert list((run / "tb").iterdir())
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_folder, tmp_path):
+    full = pretrain(tiny_config(tiny_folder, tmp_path / "a", epochs=3), log=lambda m: None)
+    cfg = tiny_config(tiny_folder, tmp_path / "b", epochs=3, max_steps=4)  # stops inside epoch 2
+    part = pretrain(cfg, log=lambda m: None)
+    assert len(losses(part)) == 4 and load_checkpoint(part)["batch"] == 1
+    pretrain(cfg.replace(max_steps=None), resume=part, log=lambda m: None)
+    assert losses(part) == losses(full)
+    a, b = load_checkpoint(full)["method"], load_checkpoint(part)["method"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nonfinite_loss_aborts_with_a_clear_message(tiny_folder, tmp_path):
+    from wmse.errors import TrainingError
+
+    cfg = tiny_config(tiny_folder, tmp_path, lr=1e30, warmup_iters=0, nonfinite_limit=2)
+    with pytest.raises(TrainingError, match="non-finite for 2 steps.*learning rate"):
+        pretrain(cfg, log=lambda m: None)
+
+
+def test_final_eval_compares_with_random_init(tiny_folder, tmp_path, capsys):
+    cfg = tiny_config(tiny_folder, tmp_path, final_eval=True, epochs=1)
+    run = pretrain(cfg, log=lambda m: None)
+    result = json.loads((run / "final_eval.json").read_text())
+    for name in ("trained", "random_init"):
+        assert 0.0 <= result[name]["knn_top1"] <= 100.0 and 0.0 <= result[name]["linear_top1"] <= 100.0
+    assert "kNN gain over random init" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["pretrain", "--preset", "nope"], "unknown preset"),
+        (["pretrain", "--preset", "quick", "--no_such_field", "1"], "no_such_field"),
+        (["pretrain", "--preset", "quick", "--lr", "fast"], "lr"),
+        (["pretrain", "--preset", "quick", "--lr"], "needs a value"),
+        (["pretrain", "--preset", "cifar10-wmse2", "--batch_size", "100"], "w_size"),
+        (["pretrain", "--preset", "cifar10-quick", "--data_dir", "/nonexistent/folder"], "nonexistent"),
+        (["pretrain", "--resume", "/nonexistent/run"], "nonexistent"),
+        (["presets", "--show", "nope"], "unknown preset"),
+    ],
+)
+def test_cli_user_errors_are_one_line_and_exit_2(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert pytest.importorskip("re").search(match, err, flags=2), err
+
+
+def test_cli_presets_lists_every_table1_preset(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("quick", "cifar10-quick", "cifar10-wmse4", "stl10-byol", "tiny_imagenet-contrastive", "imagenet100-wmse2"):
+        assert name in out
+
+
+def test_python_m_wmse_runs_the_cli():
+    out = subprocess.run([sys.executable, "-m", "wmse", "presets", "--show", "quick"], capture_output=True, text=True)
+    assert out.returncode == 0 and "fashion_mnist" in out.stdout
