@@ -126,3 +126,26 @@ def test_cli_presets_lists_every_table1_preset(capsys):
 def test_python_m_wmse_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "wmse", "presets", "--show", "quick"], capture_output=True, text=True)
     assert out.returncode == 0 and "fashion_mnist" in out.stdout
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_folder, tmp_path):
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "WMSE_CACHE": str(tmp_path / "cache")}
+    args = [sys.executable, "-m", "wmse", "pretrain", "--preset", "cifar10-quick", "--data_dir", str(tiny_folder),
+            "--arch", "small", "--image_size", "16", "--emb", "8", "--head_hidden", "32", "--w_size", "16",
+            "--batch_size", "32", "--epochs", "1000", "--precision", "fp32", "--final_eval", "false",
+            "--eval_every", "1000", "--log_every", "1", "--out_dir", str(tmp_path), "--run_name", "sig", "--threads", "1"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "sig" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "resume with: wmse pretrain --resume" in err
+    ckpt = load_checkpoint(tmp_path / "sig")
+    assert 0 < ckpt["step"] < 1000 * 3
