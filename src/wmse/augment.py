@@ -36,7 +36,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["AugmentConfig", "ViewParams", "Augmenter", "eval_transform", "sample_crop_boxes",
+__all__ = ["AugmentConfig", "ViewParams", "Augmenter", "eval_transform", "sample_crop_boxes", "sample_params",
+           "color_jitter", "random_grayscale",
            "resize_weights", "resized_crop", "adjust_hue", "rgb_to_grayscale"]
 
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
@@ -193,35 +194,44 @@ def rgb_to_grayscale(x: Tensor) -> Tensor:
 def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     """Rotate hue by ``shift`` (N,) in [-0.5, 0.5] turns; x float ``(N, 3, H, W)`` in [0, 1].
 
-    Same HSV model as torchvision; HSV -> RGB uses the closed form
-    ``c_n = V - V*S*clamp(min(k, 4 - k), 0, 1)``, ``k = (n + 6H) mod 6``, n = 5, 3, 1 for R, G, B.
+    Same HSV model as torchvision (V = max, chroma = max - min kept; hue from the max channel).
+    HSV -> RGB uses the branch-free form ``c = min + chroma * clamp(a_c * |6H - o_c| + b_c, 0, 1)``
+    with (o, a, b) = (3, 1, -1) for R, (2, -1, 2) for G and (4, -1, 2) for B.
     """
     if x.shape[1] != 3:
         return x
     r, g, b = x.unbind(dim=1)
-    maxc, minc = torch.aminmax(x, dim=1)
+    minc, maxc = torch.aminmax(x, dim=1)
     chroma = maxc - minc
-    div = torch.where(chroma == 0, torch.ones_like(chroma), chroma)
-    h6 = torch.where(maxc == r, (g - b) / div, torch.where(maxc == g, (b - r) / div + 2.0, (r - g) / div + 4.0))
-    h6 = torch.remainder(h6 + 6.0 * shift.view(-1, 1, 1), 6.0)
-    k = h6.unsqueeze(1) + torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = torch.where(k >= 6.0, k - 6.0, k)
-    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return maxc.unsqueeze(1) - chroma.unsqueeze(1) * ramp
+    # Where chroma == 0 every numerator below is exactly 0, so any positive divisor gives hue 0.
+    div = chroma.clamp_min(1e-30)
+    is_r, is_g = maxc == r, maxc == g
+    num = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g))
+    offset = torch.where(is_r, 0.0, torch.where(is_g, 2.0, 4.0))
+    h6 = torch.addcdiv(offset, num, div).add_(6.0 * shift.view(-1, 1, 1)).remainder_(6.0).unsqueeze(1)
+    consts = torch.tensor([[3.0, 1.0, -1.0], [2.0, -1.0, 2.0], [4.0, -1.0, 2.0]], device=x.device, dtype=x.dtype)
+    o, a, c = (consts[:, i].view(1, 3, 1, 1) for i in range(3))
+    ramp = torch.addcmul(c, (h6 - o).abs_(), a).clamp_(0.0, 1.0)
+    return torch.addcmul(minc.unsqueeze(1), ramp, chroma.unsqueeze(1))
 
 
 def _jitter_stage(x: Tensor, op: Tensor, active: Tensor, factors: Tensor, masked_hue: bool) -> Tensor:
-    """Apply, for each sample, the one op ``op`` (N,) it does at this stage (where ``active``)."""
+    """Apply, for each sample, the one op ``op`` (N,) it does at this stage (where ``active``).
+
+    Brightness, contrast and saturation are one blend ``clamp(f * x + (1 - f) * ref)`` with
+    ref = 0, the mean gray level, or the gray image; f = 1 (exact identity) for the other samples.
+    """
     n, c = x.shape[:2]
     is_b, is_c, is_s = (active & (op == _BRIGHTNESS)), (active & (op == _CONTRAST)), (active & (op == _SATURATION))
     if c == 1:
         is_s = torch.zeros_like(is_s)  # saturation is the identity on one channel (torchvision)
-    blend = is_b | is_c | is_s
     f = torch.where(is_b, factors[:, 0], torch.where(is_c, factors[:, 1], torch.where(is_s, factors[:, 2], 1.0)))
-    f = torch.where(blend, f, torch.ones_like(f)).view(n, 1, 1, 1)
+    one_minus = (1.0 - f).view(n, 1, 1, 1)
     gray = rgb_to_grayscale(x)
-    ref = gray * is_s.view(n, 1, 1, 1) + gray.mean(dim=(1, 2, 3), keepdim=True) * is_c.view(n, 1, 1, 1)
-    x = (x * f + ref * (1.0 - f)).clamp_(0.0, 1.0)
+    mean = gray.mean(dim=(1, 2, 3), keepdim=True)
+    # (1 - f) * ref, per sample: the gray image (saturation), its mean (contrast) or 0 (brightness).
+    ref = torch.where(is_s.view(n, 1, 1, 1), gray, mean * is_c.view(n, 1, 1, 1)) * one_minus
+    x = torch.addcmul(ref, x, f.view(n, 1, 1, 1)).clamp_(0.0, 1.0)
     if c == 3:
         is_h = active & (op == _HUE)
         if masked_hue:
@@ -236,6 +246,8 @@ def _jitter_stage(x: Tensor, op: Tensor, active: Tensor, factors: Tensor, masked
 def color_jitter(x: Tensor, params: ViewParams, masked_hue: bool | None = None) -> Tensor:
     """RandomApply(ColorJitter) with per-sample factors and op order; x float ``(N, C, H, W)`` in [0, 1]."""
     masked_hue = x.is_cuda if masked_hue is None else masked_hue
+    if not x.is_cuda and not bool(params.jitter.any()):
+        return x  # nothing to do (checked on the CPU only: on CUDA it would cost a host sync)
     for stage in range(4):
         x = _jitter_stage(x, params.order[:, stage], params.jitter, params.factors, masked_hue)
     return x
