@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .errors import TrainingError
 
@@ -69,6 +70,50 @@ def cmd_presets(args, extra: list[str]) -> int:
     return 0
 
 
+def _no_extra(extra: list[str]) -> None:
+    if extra:
+        raise UsageError(f"unexpected arguments {extra}")
+
+
+def cmd_evaluate(args, extra: list[str]) -> int:
+    from .runs import evaluate_run
+
+    _no_extra(extra)
+    evaluate_run(args.run, dataset=args.dataset, data_dir=args.data_dir, head=args.head,
+                 linear=not args.no_linear, linear_epochs=args.linear_epochs, device=args.device)
+    return 0
+
+
+def cmd_embed(args, extra: list[str]) -> int:
+    from .runs import embed_run
+
+    _no_extra(extra)
+    files = embed_run(args.run, out_dir=args.out, split=args.split, dataset=args.dataset, data_dir=args.data_dir,
+                      head=args.head, device=args.device)
+    for name, path in files.items():
+        print(f"{name:<10} {path}")
+    return 0
+
+
+def cmd_report(args, extra: list[str]) -> int:
+    from .report import write_report
+
+    _no_extra(extra)
+    run = Path(args.run)
+    if not (run / "metrics.jsonl").is_file() and not (run / "config.json").is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (no config.json / metrics.jsonl)")
+    print(write_report(run))
+    return 0
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory or checkpoint file")
+    p.add_argument("--dataset", help="dataset name (default: the run's)")
+    p.add_argument("--data_dir", "--data-dir", dest="data_dir", help="data location (default: the run's)")
+    p.add_argument("--head", action="store_true", help="use the projection head's output instead of E(x)")
+    p.add_argument("--device", default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wmse", description="W-MSE self-supervised learning")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the presets, or show one with --show NAME")
     p.add_argument("--show", metavar="NAME")
     p.set_defaults(func=cmd_presets)
+    p = sub.add_parser("evaluate", help="kNN (k=5 and weighted k=200) + linear probe of a run's frozen encoder")
+    _data_args(p)
+    p.add_argument("--linear_epochs", "--linear-epochs", dest="linear_epochs", type=int, default=500)
+    p.add_argument("--no_linear", "--no-linear", dest="no_linear", action="store_true", help="kNN only")
+    p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("embed", help="features to .npy (+ labels, paths) and the backbone as safetensors")
+    _data_args(p)
+    p.add_argument("--split", help="split to embed (default: the run's training split)")
+    p.add_argument("--out", help="output folder (default: RUN/embed/SPLIT)")
+    p.set_defaults(func=cmd_embed)
+    p = sub.add_parser("report", help="PNG plots and index.html of a run")
+    p.add_argument("run", help="run directory")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -62,6 +62,14 @@ def _subset(ds: ImageDataset, idx: Tensor) -> ImageDataset:
     return ImageDataset(images=ds.images[idx], labels=ds.labels[idx], classes=ds.classes, paths=paths, name=ds.name)
 
 
+def normalization_stats(dataset: str, images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The dataset's published mean/std, or those of the images themselves (image folders)."""
+    try:
+        return dataset_stats(dataset)
+    except (KeyError, ValueError):
+        return compute_stats(images)
+
+
 def load_data(cfg: Config, log=print) -> Data:
     """Load the training split and a labelled evaluation pair (test split, or a seeded held-out split).
 
@@ -73,10 +81,7 @@ def load_data(cfg: Config, log=print) -> Data:
     train = load(cfg.dataset, cfg.train_split, cfg.data_dir)
     log(f"data: {cfg.dataset}/{cfg.train_split}: {len(train)} images {tuple(train.images.shape[1:])} "
         f"in {time.perf_counter() - t0:.1f}s")
-    try:
-        mean, std = dataset_stats(cfg.dataset)
-    except (KeyError, ValueError):
-        mean, std = compute_stats(train.images)
+    mean, std = normalization_stats(cfg.dataset, train.images)
     if cfg.eval_split is None:
         if not bool((train.labels >= 0).any()):
             return Data(train, None, None, None, None, mean, std, "no labels: kNN monitoring off")
@@ -105,11 +110,12 @@ def augment_config(cfg: Config) -> AugmentConfig:
     )
 
 
-def make_eval_transform(cfg: Config, data: Data, device: torch.device, channels_last: bool):
+def make_eval_transform(cfg: Config, mean, std, device: torch.device, channels_last: bool):
+    """uint8 batch -> normalised float batch on ``device``: optional resize, centre crop, no augmentation."""
     size = cfg.eval_size or cfg.image_size
 
     def transform(images: Tensor) -> Tensor:
-        x = eval_transform(images.to(device, non_blocking=True), size, data.mean, data.std, resize=cfg.eval_resize)
+        x = eval_transform(images.to(device, non_blocking=True), size, mean, std, resize=cfg.eval_resize)
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     return transform
@@ -241,7 +247,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
                          rank=rt.rank, world_size=rt.world_size)
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * cfg.epochs
-    transform = make_eval_transform(cfg, data, device, cfg.channels_last)
+    transform = make_eval_transform(cfg, data.mean, data.std, device, cfg.channels_last)
 
     start_epoch, start_batch, step, nonfinite_total = 0, 0, 0, 0
     if ckpt is not None:
@@ -268,6 +274,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
             "method": method.state_dict(), "backbone": method.backbone.state_dict(),
             "optimizer": optimizer.state_dict(), "epoch": epoch, "batch": batch, "step": step,
             "rng": rng_state(aug_gen), "config": cfg.to_dict(), "nonfinite_total": nonfinite_total,
+            "mean": list(data.mean), "std": list(data.std),  # so evaluation normalises exactly as training
         }
         if initial_state is not None:
             state["initial_method"] = initial_state
