@@ -1,17 +1,48 @@
-"""Process-group set-up for torchrun / DDP. A single process (no torchrun) is world_size 1."""
+"""Multi-process training with torchrun + DistributedDataParallel, and W-MSE whitening across ranks.
+
+A single process (no torchrun, ``WORLD_SIZE`` unset or 1) is a :class:`Runtime` with world_size 1 and every
+helper here is then a no-op. Under torchrun each rank takes a contiguous part of every global batch
+(``BatchLoader(rank=, world_size=)``), and :func:`wrap` returns a DDP module whose ``forward(views)`` is the loss:
+
+- W-MSE, default: each rank whitens slices of its own ``batch_size / world_size`` images; DDP averages the
+  gradients, i.e. the gradient of the mean of the per-rank losses.
+- W-MSE, ``whiten_global``: embeddings of all ranks are gathered with a differentiable all-gather, every rank
+  computes the single-process loss of the global batch (slices from one permutation shared by all ranks), and
+  the gradient equals the single-process gradient on the concatenated batch (see :class:`_GatherCat`).
+- Contrastive: the same gather, so negatives come from the whole global batch.
+- BYOL: its loss is a mean over images, so DDP's gradient average already is the global-batch gradient.
+
+BatchNorm statistics stay per rank unless ``sync_bn`` (CUDA only: torch's SyncBatchNorm has no CPU kernel).
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .losses import nt_xent_loss
+from .methods import BYOL, WMSE, Contrastive, Method
+
+__all__ = [
+    "Runtime", "setup", "wrap", "cleanup", "check_batch", "DistributedLoss", "gather_cat", "slice_generator",
+    "agree", "broadcast_object", "gather_objects", "barrier", "set_step",
+]
+
+# Generous: rank 0 evaluates (kNN, diagnostics) while the other ranks wait in their next collective.
+_TIMEOUT = timedelta(minutes=60)
 
 
 @dataclass
 class Runtime:
+    """Where this process runs and which part of the job it is."""
+
     device: torch.device
     rank: int = 0
     world_size: int = 1
@@ -26,22 +57,204 @@ class Runtime:
         return self.world_size > 1
 
 
+def check_batch(cfg, world_size: int) -> None:
+    """ValueError (naming batch_size, w_size and nproc) when the global batch cannot be split over the ranks."""
+    if world_size <= 1:
+        return
+    if cfg.batch_size % world_size:
+        raise ValueError(
+            f"batch_size ({cfg.batch_size}) must be a multiple of nproc ({world_size}): the global batch is split "
+            f"evenly over the processes; e.g. batch_size={max(1, cfg.batch_size // world_size) * world_size}"
+        )
+    local = cfg.batch_size // world_size
+    if local < 2:
+        raise ValueError(f"batch_size ({cfg.batch_size}) / nproc ({world_size}) = {local} image per process; "
+                         "BatchNorm needs at least 2: raise batch_size or lower nproc")
+    if cfg.method == "wmse" and not cfg.whiten_global and local % cfg.w_size:
+        raise ValueError(
+            f"per-process batch batch_size/nproc = {cfg.batch_size}/{world_size} = {local} is not a multiple of "
+            f"w_size ({cfg.w_size}): each process whitens its own slices. Use batch_size = nproc * k * w_size "
+            f"(e.g. {world_size * cfg.w_size}), a smaller w_size, or --whiten_global true to whiten the gathered "
+            "global batch"
+        )
+    if cfg.sync_bn and torch.device(_device_name(cfg)).type != "cuda":
+        raise ValueError("sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); "
+                         "drop --sync_bn or run with --device cuda")
+
+
+def _device_name(cfg) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
 def setup(cfg) -> Runtime:
-    """Read torchrun's environment; initialise the process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1."""
+    """Read torchrun's environment; initialise the process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1.
+
+    Under torchrun a CUDA run uses ``cuda:LOCAL_RANK`` (one GPU per process).
+    """
     from .train import resolve_device
 
     device = resolve_device(cfg.device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Runtime(device=device)
-    raise ValueError("multi-process training (WORLD_SIZE > 1) is not supported yet")
+    check_batch(cfg, world_size)  # before any rendezvous, so a bad config fails fast on every rank
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=_TIMEOUT, **kwargs)
+    return Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def slice_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """CPU generator of W-MSE's slice permutations at ``step``: a function of (seed, step, rank) only.
+
+    ``whiten_global`` passes rank 0 on every rank so all ranks draw the same permutation of the global batch;
+    the per-rank mode passes the real rank. Independent of the global RNG, which rank 0's evaluation consumes.
+    """
+    mixed = (int(seed) * 1_000_003 + int(step) * 7_919 + int(rank) * 104_729) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+class _GatherCat(torch.autograd.Function):
+    """All-gather along dim ``dim`` (rank order) whose backward is the sum of the gradients of every rank.
+
+    Every rank computes the same global loss L(E) of the gathered E, so the gradient reaching rank r's part
+    is sum_q dL_q/dE_r = W dL/dE_r. DDP then averages parameter gradients over W ranks:
+    (1/W) sum_r W (dL/dE_r)(dE_r/dtheta) = dL/dtheta, the single-process gradient on the whole batch.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int) -> Tensor:
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        ctx.dim, ctx.size = dim, x.shape[dim]
+        return torch.cat(parts, dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # sum over ranks (gloo has no reduce_scatter; the tensor is small: d x N x D)
+        return grad.narrow(ctx.dim, dist.get_rank() * ctx.size, ctx.size), None
+
+
+def gather_cat(x: Tensor, dim: int = 0) -> Tensor:
+    """Differentiable all-gather: every rank's ``x`` concatenated along ``dim`` in rank order.
+
+    Shapes: (..., n, ...) on each of W ranks -> (..., W n, ...). The backward sums over ranks (see _GatherCat).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _GatherCat.apply(x, dim)
+
+
+class DistributedLoss(nn.Module):
+    """The module DDP wraps: ``forward(views) -> loss`` with the cross-rank variant of ``method``'s loss.
+
+    Args:
+        method: a :class:`~wmse.methods.Method` (its parameters are this module's, so DDP's hooks see them).
+        whiten_global: W-MSE only; whiten slices of the gathered global batch instead of per-rank slices.
+        seed: base seed of the slice permutations (see :func:`slice_generator`).
+        rank: this process's rank.
+
+    ``step`` counts forward calls; the training loop sets it on resume (:func:`set_step`) so the slices after
+    a restart are the ones an uninterrupted run would have drawn.
+    """
+
+    def __init__(self, method: Method, whiten_global: bool = False, seed: int = 0, rank: int = 0) -> None:
+        super().__init__()
+        self.method = method
+        self.whiten_global, self.seed, self.rank = whiten_global, seed, rank
+        self.step = 0
+
+    def forward(self, views: Sequence[Tensor]) -> Tensor:
+        """views: d tensors (n, C, S, S), this rank's n = N / W images -> scalar loss."""
+        step, self.step = self.step, self.step + 1
+        m = self.method
+        if isinstance(m, WMSE):
+            emb = torch.stack(m.embed(views))  # (d, n, D)
+            if self.whiten_global:
+                return m.loss_from_embeddings(gather_cat(emb, dim=1), generator=slice_generator(self.seed, step))
+            return m.loss_from_embeddings(emb, generator=slice_generator(self.seed, step, self.rank))
+        if isinstance(m, Contrastive):
+            z = gather_cat(torch.stack(m.embed(views)), dim=1)  # (d, N, D): negatives from every rank
+            pairs = [(i, j) for i in range(len(z)) for j in range(i + 1, len(z))]
+            return sum(nt_xent_loss(z[i], z[j], m.temperature, m.normalize) for i, j in pairs) / len(pairs)
+        return m.loss(views)  # BYOL and others: a mean over images, DDP's gradient average is exact
+
+
+def _convert_sync_bn(method: Method) -> None:
+    """BatchNorm -> SyncBatchNorm in the projection head (and BYOL's predictor and target head), in place."""
+    names = ["head"] + (["predictor", "target_head"] if isinstance(method, BYOL) else [])
+    for name in names:
+        setattr(method, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(method, name)))
 
 
 def wrap(method: nn.Module, cfg, rt: Runtime) -> Callable:
-    """The callable the loop trains: views -> loss."""
-    return method
+    """The callable the loop trains: views -> loss. ``method`` itself in one process, else a DDP module.
+
+    The optimizer keeps working on ``method``'s parameters (DDP shares them); checkpoints save ``method``.
+    """
+    if not rt.distributed:
+        return method
+    check_batch(cfg, rt.world_size)
+    if cfg.sync_bn:
+        _convert_sync_bn(method)
+    module = DistributedLoss(method, cfg.whiten_global, cfg.seed, rt.rank)
+    device_ids = [rt.device.index] if rt.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+
+def set_step(train_module: Callable, step: int) -> None:
+    """Tell the DDP loss module how many steps were already done (exact slices after resume)."""
+    inner = getattr(train_module, "module", None)
+    if isinstance(inner, DistributedLoss):
+        inner.step = step
+
+
+def agree(loss: Tensor, stop: bool, rt: Runtime) -> tuple[float, bool]:
+    """Mean loss over ranks and whether any rank wants to stop: one tiny all-reduce, the step's host read.
+
+    Every rank then takes the same decision (skip a non-finite step, checkpoint and stop), which DDP needs:
+    a rank that skipped backward or left the loop while the others go on would hang them.
+    """
+    if not rt.distributed:
+        return loss.item(), stop
+    buf = torch.stack([loss.detach().float().reshape(()), torch.tensor(float(stop), device=loss.device)])
+    dist.all_reduce(buf)
+    total, stops = buf.tolist()
+    return total / rt.world_size, stops > 0
+
+
+def broadcast_object(obj: Any, rt: Runtime) -> Any:
+    """Rank 0's ``obj`` on every rank (e.g. the run directory, whose name holds a time stamp)."""
+    if not rt.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: Any, rt: Runtime) -> list[Any]:
+    """Every rank's ``obj`` in rank order, on every rank (e.g. the RNG states a checkpoint must hold)."""
+    if not rt.distributed:
+        return [obj]
+    out: list[Any] = [None] * rt.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        dist.barrier()
 
 
 def cleanup(rt: Runtime) -> None:
-    if rt.distributed and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()
