@@ -111,9 +111,9 @@ def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
 class SmallConvNet(nn.Module):
     """Four conv-BN-ReLU blocks + global average pooling, for CPU demos.
 
-    Widths 32-64-128-``out_dim``; the first block has stride 2 and blocks 2-3 halve the
-    resolution again, so a 28 px image is processed at 14, 7 and 4 px: about 5 MFLOPs of
-    multiply-adds per image (a ResNet-18 at 32 px needs ~0.56 GMAC).
+    Widths 32-64-128-``out_dim``; the first block has stride 2 and max-pooling halves the
+    resolution after blocks 2 and 3, so a 28 px image is processed at 14, 14, 7 and 4 px:
+    about 12 M multiply-adds per image (a CIFAR-stem ResNet-18 at 32 px needs ~560 M).
 
     Shapes: (B, in_channels, H, W) float -> (B, out_dim).
     """
