@@ -16,8 +16,8 @@ The protocol follows the paper and the official code (htdt/self-supervised, ``ev
   shuffled batches of 1000, top-1 and top-5 on the test set with the final weights.
 
 The computations are rewritten for speed on a CPU (a chunked matmul for the distances, shared by
-the Euclidean and cosine kNN; the linear layer trained with hand-written gradients and a fused
-Adam step), and tested against scikit-learn and against the official formulation.
+the Euclidean and cosine kNN; the linear layer trained with hand-written gradients and Adam
+update), and tested against scikit-learn and against the official formulation.
 
 All accuracies returned by this module are percentages in ``[0, 100]``.
 """
@@ -392,12 +392,28 @@ def _init_linear(in_features: int, num_classes: int, generator: torch.Generator)
     return torch.cat([w, b], dim=1)
 
 
-def _make_adam(param: Tensor, lr: float, weight_decay: float) -> torch.optim.Adam:
-    """Adam with a fused step where this torch/device supports it (same math, one kernel)."""
-    try:
-        return torch.optim.Adam([param], lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.Adam([param], lr=lr, weight_decay=weight_decay, foreach=True)
+class _Adam:
+    """``torch.optim.Adam`` (L2 ``weight_decay``, no amsgrad) for one tensor, written out.
+
+    Same update as torch's single-tensor implementation; written here because constructing the
+    first ``torch.optim`` optimizer in a process costs seconds of imports, more than the whole
+    kNN, and because one tensor needs no parameter-group machinery.
+    """
+
+    def __init__(self, param: Tensor, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.param, self.wd, self.b1, self.b2, self.eps = param, weight_decay, *betas, eps
+        self.m = torch.zeros_like(param)
+        self.v = torch.zeros_like(param)
+        self.t = 0
+
+    def step(self, grad: Tensor, lr: float) -> None:
+        """One update with gradient ``grad`` (overwritten) at learning rate ``lr``."""
+        self.t += 1
+        grad.add_(self.param, alpha=self.wd)
+        self.m.lerp_(grad, 1 - self.b1)
+        self.v.mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
+        denom = self.v.sqrt().div_(math.sqrt(1 - self.b2**self.t)).add_(self.eps)
+        self.param.addcdiv_(self.m, denom, value=-lr / (1 - self.b1**self.t))
 
 
 def _train_linear(
@@ -421,29 +437,28 @@ def _train_linear(
 
     The gradient of mean cross-entropy is written by hand, ``dL/dlogits = (softmax - onehot)/B``,
     and the bias is a column of ones appended to the features, so one step is a gather, two
-    small matmuls and one fused Adam update: no autograd graph, no per-parameter loops.
+    small matmuls and one Adam update of one tensor: no autograd graph, no parameter groups.
     """
     gen = torch.Generator().manual_seed(seed)
     n, f = train_x.shape
     param = _init_linear(f, num_classes, gen).to(device)
     x = torch.cat([train_x.to(device, torch.float32), torch.ones(n, 1, device=device)], dim=1)
     onehot = F.one_hot(train_y.to(device, torch.int64), num_classes).to(torch.float32)
-    opt = _make_adam(param, lr, weight_decay)
+    opt = _Adam(param, weight_decay)
     gamma = (lr_end / lr) ** (1.0 / epochs)
     bs = min(batch_size, n)
     xb_buf = torch.empty(bs, f + 1, device=device)
     yb_buf = torch.empty(bs, num_classes, device=device)
     for epoch in range(epochs):
         # ExponentialLR steps after each epoch: epoch e trains at lr * gamma**e.
-        opt.param_groups[0]["lr"] = lr * gamma**epoch
+        lr_epoch = lr * gamma**epoch
         perm = torch.randperm(n, generator=gen).to(device)
         for s in range(0, n, bs):
             idx = perm[s : s + bs]
             xb = torch.index_select(x, 0, idx, out=xb_buf[: idx.shape[0]])
             yb = torch.index_select(onehot, 0, idx, out=yb_buf[: idx.shape[0]])
             g = torch.softmax(xb @ param.T, dim=1).sub_(yb)
-            param.grad = torch.mm(g.T, xb).mul_(1.0 / idx.shape[0])
-            opt.step()
+            opt.step(torch.mm(g.T, xb).mul_(1.0 / idx.shape[0]), lr_epoch)
     return param.detach()
 
 
