@@ -64,3 +64,16 @@ def set_rng_state(state: dict, augment_generator: torch.Generator) -> None:
     augment_generator.set_state(state["augment"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rank_rng_state(ckpt: dict, rank: int, augment_generator: torch.Generator) -> dict:
+    """The RNG state rank ``rank`` restores from a checkpoint (rank 0 saves every rank's in ``rng_ranks``).
+
+    A checkpoint of a single process has only ``rng``. When the run now has more ranks than the one that
+    wrote it, the extra ranks take rank 0's global state but keep their own fresh augmentation stream
+    (``augment_generator``'s current state), so no two ranks augment alike.
+    """
+    states = ckpt.get("rng_ranks") or [ckpt["rng"]]
+    if rank < len(states):
+        return states[rank]
+    return {**states[0], "augment": augment_generator.get_state()}

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import distributed
 from .augment import AugmentConfig, Augmenter, eval_transform
-from .checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from .checkpoint import load_checkpoint, rank_rng_state, rng_state, save_atomic, set_rng_state
 from .config import Config, validate
 from .data import ImageDataset, compute_stats, dataset_stats, load, split_per_class
 from .data.loader import BatchLoader
@@ -229,7 +229,8 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
 
     ckpt = load_checkpoint(resume) if resume else None
     run_dir = Path(resume).resolve().parent.parent if resume and Path(resume).is_file() else (
-        Path(resume) if resume else make_run_dir(cfg))
+        Path(resume) if resume else make_run_dir(cfg) if rt.is_main else None)
+    run_dir = distributed.broadcast_object(run_dir, rt)  # rank 0 names it (a time stamp); no stray folders
     data = load_data(cfg, log)
     if len(data.train) < cfg.batch_size:
         raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training set ({len(data.train)} images)")
@@ -253,7 +254,12 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
     if ckpt is not None:
         method.load_state_dict(ckpt["method"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"], aug_gen)
+        written_by = len(ckpt.get("rng_ranks", [None]))
+        if written_by != rt.world_size:
+            log(f"note: the checkpoint was written by {written_by} process(es), this run has {rt.world_size}: "
+                "batches are the same, augmentations after the resume differ from an uninterrupted run")
+        set_rng_state(rank_rng_state(ckpt, rt.rank, aug_gen), aug_gen)
+        distributed.set_step(train_module, ckpt["step"])
         start_epoch, start_batch, step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
         nonfinite_total = ckpt.get("nonfinite_total", 0)
         if initial_state is not None and "initial_method" in ckpt:
@@ -268,23 +274,27 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
             f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs on {device} ({cfg.precision})")
 
     def checkpoint(epoch: int, batch: int) -> None:
+        rng_ranks = distributed.gather_objects(rng_state(aug_gen), rt)  # every rank takes part
         if not rt.is_main:
+            distributed.barrier(rt)  # wait until rank 0 has written it
             return
         state = {
             "method": method.state_dict(), "backbone": method.backbone.state_dict(),
             "optimizer": optimizer.state_dict(), "epoch": epoch, "batch": batch, "step": step,
-            "rng": rng_state(aug_gen), "config": cfg.to_dict(), "nonfinite_total": nonfinite_total,
+            "rng": rng_ranks[0], "rng_ranks": rng_ranks, "world_size": rt.world_size,
+            "config": cfg.to_dict(), "nonfinite_total": nonfinite_total,
             "mean": list(data.mean), "std": list(data.std),  # so evaluation normalises exactly as training
         }
         if initial_state is not None:
             state["initial_method"] = initial_state
         save_atomic(state, run_dir / "checkpoints" / "last.pt")
+        distributed.barrier(rt)
 
     use_bf16 = cfg.precision == "bf16"
     progress = Progress(total_steps) if rt.is_main else None
     stop = StopFlag()
     nonfinite_run = 0
-    finished = True
+    finished, stopping = True, False
     with stop.installed():
         for epoch in range(start_epoch, cfg.epochs):
             t_epoch = time.perf_counter()
@@ -300,7 +310,9 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
                     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     loss = train_module(views)
-                loss_value = loss.item()  # the one host read per step: finiteness needs it anyway
+                # the one host read per step (finiteness needs it); under DDP the mean over ranks, and
+                # every rank learns whether any rank was signalled, so all take the same branch below
+                loss_value, stopping = distributed.agree(loss, stop.signal is not None, rt)
                 optimizer.zero_grad(set_to_none=True)
                 if math.isfinite(loss_value):
                     nonfinite_run = 0
@@ -323,7 +335,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
                     if step % cfg.log_every == 0 or step == total_steps:
                         metrics.write("train", step, epoch=epoch, loss=loss_value, lr=lr, img_per_s=img_s,
                                       nonfinite_skipped=nonfinite_total)
-                if stop.signal is not None or (cfg.max_steps is not None and step >= cfg.max_steps):
+                if stopping or (cfg.max_steps is not None and step >= cfg.max_steps):
                     finished = False
                     checkpoint(epoch, batch_idx + 1)
                     break
@@ -339,8 +351,9 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
     fallbacks = fallback_count()
     if fallbacks and rt.is_main:
         log(f"whitening: {fallbacks} slice covariances needed jitter during this run")
+    distributed.barrier(rt)  # all checkpoints written; rank 0 alone goes on to the final evaluation
     if not finished:
-        reason = "signal" if stop.signal is not None else f"max_steps={cfg.max_steps}"
+        reason = "signal" if stopping else f"max_steps={cfg.max_steps}"
         log(f"stopped at step {step} ({reason}); resume with: wmse pretrain --resume {run_dir}")
     elif cfg.final_eval and rt.is_main and data.eval_test_images is not None:
         results = final_evaluation(method, initial_state, data, cfg, device, transform, log)
