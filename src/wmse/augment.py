@@ -200,19 +200,26 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     """
     if x.shape[1] != 3:
         return x
+    # Float arithmetic and in-place ops on (N, H, W) planes: on the CPU, bool masks, torch.where
+    # and broadcasting between differently shaped operands cost several times a plain add.
     r, g, b = x.unbind(dim=1)
-    minc, maxc = torch.aminmax(x, dim=1)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    minc = torch.minimum(torch.minimum(r, g), b)
     chroma = maxc - minc
-    # Where chroma == 0 every numerator below is exactly 0, so any positive divisor gives hue 0.
-    div = chroma.clamp_min(1e-30)
-    is_r, is_g = maxc == r, maxc == g
-    num = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g))
-    offset = torch.where(is_r, 0.0, torch.where(is_g, 2.0, 4.0))
-    h6 = torch.addcdiv(offset, num, div).add_(6.0 * shift.view(-1, 1, 1)).remainder_(6.0).unsqueeze(1)
-    consts = torch.tensor([[3.0, 1.0, -1.0], [2.0, -1.0, 2.0], [4.0, -1.0, 2.0]], device=x.device, dtype=x.dtype)
-    o, a, c = (consts[:, i].view(1, 3, 1, 1) for i in range(3))
-    ramp = torch.addcmul(c, (h6 - o).abs_(), a).clamp_(0.0, 1.0)
-    return torch.addcmul(minc.unsqueeze(1), ramp, chroma.unsqueeze(1))
+    # Hue from the max channel, ties resolved r, then g, then b (as torchvision).
+    is_r = (maxc == r).to(x.dtype)
+    is_g = (maxc == g).to(x.dtype).mul_(1.0 - is_r)
+    is_b = (1.0 - is_r).sub_(is_g)
+    num = (g - b).mul_(is_r).addcmul_(b - r, is_g).addcmul_(r - g, is_b)
+    # Where chroma == 0 the numerator is exactly 0, so any positive divisor gives hue 0.
+    h6 = num.div_(chroma.clamp_min(1e-30)).add_(is_g, alpha=2.0).add_(is_b, alpha=4.0)
+    h6 = h6.add_(6.0 * shift.view(-1, 1, 1)).remainder_(6.0)
+    out = torch.empty_like(x)
+    for i, (o, a, c) in enumerate(((3.0, 1.0, -1.0), (2.0, -1.0, 2.0), (4.0, -1.0, 2.0))):
+        plane = out[:, i]
+        torch.sub(h6, o, out=plane)
+        plane.abs_().mul_(a).add_(c).clamp_(0.0, 1.0).mul_(chroma).add_(minc)
+    return out
 
 
 def _jitter_stage(x: Tensor, op: Tensor, active: Tensor, factors: Tensor, masked_hue: bool) -> Tensor:
@@ -229,9 +236,12 @@ def _jitter_stage(x: Tensor, op: Tensor, active: Tensor, factors: Tensor, masked
     one_minus = (1.0 - f).view(n, 1, 1, 1)
     gray = rgb_to_grayscale(x)
     mean = gray.mean(dim=(1, 2, 3), keepdim=True)
-    # (1 - f) * ref, per sample: the gray image (saturation), its mean (contrast) or 0 (brightness).
-    ref = torch.where(is_s.view(n, 1, 1, 1), gray, mean * is_c.view(n, 1, 1, 1)) * one_minus
-    x = torch.addcmul(ref, x, f.view(n, 1, 1, 1)).clamp_(0.0, 1.0)
+    # (1 - f) * ref, per sample: the gray image (saturation), its mean (contrast) or 0 (brightness);
+    # per-sample float coefficients instead of a broadcast torch.where (slow on the CPU).
+    s_coef = one_minus * is_s.view(n, 1, 1, 1).to(x.dtype)
+    c_coef = one_minus * is_c.view(n, 1, 1, 1).to(x.dtype)
+    ref = torch.addcmul(mean * c_coef, gray, s_coef)
+    x = x.mul_(f.view(n, 1, 1, 1)).add_(ref).clamp_(0.0, 1.0)  # in place: x is this view's own copy
     if c == 3:
         is_h = active & (op == _HUE)
         if masked_hue:
@@ -257,7 +267,8 @@ def random_grayscale(x: Tensor, gray: Tensor) -> Tensor:
     """Replace the selected samples (``gray`` (N,) bool) by their 3-channel luma."""
     if x.shape[1] == 1:
         return x
-    return torch.where(gray.view(-1, 1, 1, 1), rgb_to_grayscale(x).expand_as(x), x)
+    # lerp with weight exactly 0 or 1 returns start or end exactly (cheaper than a broadcast where).
+    return torch.lerp(x, rgb_to_grayscale(x).expand_as(x), gray.view(-1, 1, 1, 1).to(x.dtype))
 
 
 # ------------------------------------------------------------------ crop + resize + flip
@@ -307,11 +318,11 @@ def resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int,
 
 
 def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None,
-                 interpolation: str = "bicubic") -> Tensor:
+                 interpolation: str = "bicubic", out: Tensor | None = None) -> Tensor:
     """Crop ``boxes`` (N, 4: top, left, h, w) of float ``x (N, C, H, W)``, resize to size x size, flip.
 
     Returns:
-        float32 ``(N, C, size, size)`` (not clamped; the caller clamps).
+        float32 ``(N, C, size, size)``, written into ``out`` when given (not clamped; the caller clamps).
     """
     n, _, height, width = x.shape
     wy = resize_weights(boxes[:, 0], boxes[:, 2], height, size, interpolation)  # (N, S, H)
@@ -319,7 +330,7 @@ def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None
     if flip is not None:
         wx = torch.where(flip.view(-1, 1, 1), wx.flip(1), wx)
     # (N, 1, S, H) @ (N, C, H, W) @ (N, 1, W, S) -> (N, C, S, S)
-    return torch.matmul(torch.matmul(wy.unsqueeze(1), x), wx.transpose(1, 2).unsqueeze(1))
+    return torch.matmul(torch.matmul(wy.unsqueeze(1), x), wx.transpose(1, 2).unsqueeze(1), out=out)
 
 
 # ------------------------------------------------------------------ the augmenter
@@ -360,20 +371,21 @@ class Augmenter:
         params = params.to(images.device)
         n, c = images.shape[:2]
         step = n if images.is_cuda else max(1, self.chunk)
-        parts = []
+        out = torch.empty((n, c, self.cfg.size, self.cfg.size), dtype=torch.float32, device=images.device)
+        if normalize:
+            mean = _stats_tensor(self.mean, c, out.device, "mean")
+            scale = 1.0 / _stats_tensor(self.std, c, out.device, "std")
+            shift = -mean * scale
         for s in range(0, n, step):
             p = ViewParams(*(getattr(params, f)[s:s + step] for f in
                              ("boxes", "flip", "jitter", "order", "factors", "gray")))
             x = images[s:s + step].to(torch.float32).div_(255.0)
             x = color_jitter(x, p)
             x = random_grayscale(x, p.gray)
-            x = resized_crop(x, p.boxes, self.cfg.size, p.flip, self.cfg.interpolation).clamp_(0.0, 1.0)
-            parts.append(x)
-        out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        if normalize:
-            mean = _stats_tensor(self.mean, c, out.device, "mean")
-            std = _stats_tensor(self.std, c, out.device, "std")
-            out = out.sub_(mean).div_(std)
+            part = out[s:s + step]  # chunks are written in place: no concatenation copy
+            resized_crop(x, p.boxes, self.cfg.size, p.flip, self.cfg.interpolation, out=part).clamp_(0.0, 1.0)
+            if normalize:
+                part.mul_(scale).add_(shift)
         return out
 
     def __call__(self, images: Tensor, n_views: int, generator: torch.Generator | None = None) -> list[Tensor]:
