@@ -231,12 +231,11 @@ def _overrides(cfg) -> list[str]:
     return out
 
 
-def test_torchrun_cli_run_writes_one_checkpoint(tiny_folder, tmp_path, make_config):
-    """`torchrun --nproc_per_node 2 -m wmse pretrain ...` on CPU: finishes, one run dir, one checkpoint."""
+def test_nproc_cli_run_writes_one_checkpoint(tiny_folder, tmp_path, make_config):
+    """`wmse pretrain --nproc 2 ...` (torchrun -m wmse underneath) on CPU: finishes, one run dir, one checkpoint."""
     cfg = make_config(tiny_folder, tmp_path / "runs", epochs=1, eval_every=1, whiten_global=True,
                       batch_size=32, w_size=16)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "wmse",
-           "pretrain", "--preset", "cifar10-wmse2", *_overrides(cfg)]
+    cmd = [sys.executable, "-m", "wmse", "pretrain", "--nproc", "2", "--preset", "cifar10-wmse2", *_overrides(cfg)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WMSE_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
