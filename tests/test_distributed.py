@@ -278,3 +278,21 @@ def test_ddp_resume_is_exact(tiny_folder, tmp_path, make_config):
     for k, v in a["method"].items():
         torch.testing.assert_close(b["method"][k], v, rtol=0, atol=0, msg=f"resumed {k}")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["run"]
+
+
+def test_sync_bn_converts_head_batchnorms_and_keeps_checkpoint_keys(make_config, tiny_folder, tmp_path):
+    """sync_bn swaps the head's BatchNorm1d for SyncBatchNorm (CUDA-only kernel, so no forward here) without
+    changing state_dict keys: checkpoints of a sync_bn run load into a plain model."""
+    from wmse.methods import build_method
+
+    for name in ("wmse", "byol"):
+        cfg = make_config(tiny_folder, tmp_path, method=name)
+        method = build_method(cfg, 3)
+        keys = list(method.state_dict())
+        distributed._convert_sync_bn(method)
+        assert list(method.state_dict()) == keys
+        assert any(isinstance(m, nn.SyncBatchNorm) for m in method.head.modules())
+        assert not any(isinstance(m, nn.SyncBatchNorm) for m in method.backbone.modules())
+        if name == "byol":
+            assert any(isinstance(m, nn.SyncBatchNorm) for m in method.predictor.modules())
+        build_method(cfg, 3).load_state_dict(method.state_dict())
