@@ -141,7 +141,7 @@ def sample_crop_boxes(n: int, height: int, width: int, scale: Sequence[float], r
     w = torch.round(torch.sqrt(target * aspect))
     h = torch.round(torch.sqrt(target / aspect))
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.to(torch.int8).argmax(dim=1, keepdim=True)  # index of the first fitting try
+    first = fits.to(torch.float32).argmax(dim=1, keepdim=True)  # index of the first fitting try (ties: first)
     ok = fits.any(dim=1)
     h = h.gather(1, first).squeeze(1)
     w = w.gather(1, first).squeeze(1)
