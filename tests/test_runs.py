@@ -1,6 +1,7 @@
 """evaluate / embed / report on a small trained run, end to end, and their errors."""
 
 import json
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
@@ -59,3 +60,20 @@ def test_missing_and_truncated_checkpoints_are_one_line_errors(trained_run, tmp_
     save_atomic({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
     assert main(["embed", str(tmp_path / "foreign.pt")]) == 2
     assert "not a wmse checkpoint" in capsys.readouterr().err
+def test_report_files_are_valid_png_and_html(trained_run, capsys):
+    assert main(["report", str(trained_run)]) == 0
+    index = trained_run / "report" / "index.html"
+    srcs = []
+
+    class Imgs(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                srcs.append(dict(attrs)["src"])
+
+    Imgs().feed(index.read_text())
+    assert srcs
+    for src in srcs:
+        data = (index.parent / src).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+
+

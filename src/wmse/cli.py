@@ -52,7 +52,7 @@ def cmd_pretrain(args, extra: list[str]) -> int:
     if args.nproc and args.nproc > 1:
         from .launch import launch
 
-        return launch(args.nproc, sys.argv[1:])
+        return launch(args.nproc, args.argv)
     pretrain(cfg, resume=args.resume)
     return 0
 
@@ -144,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv  # the launcher re-runs this command line under torchrun
     try:
         return args.func(args, extra)
     except (UsageError, ValueError, FileNotFoundError, KeyError) as err:
