@@ -71,6 +71,8 @@ def test_wmse_loss_matches_loss_of_per_view_embeddings(d: int) -> None:
         assert torch.allclose(got, want, atol=1e-5)
         torch.manual_seed(1)
         assert torch.allclose(method.loss_from_embeddings(_per_view(method, views)), want, atol=1e-5)
+        torch.manual_seed(1)  # one (d, N, D) tensor, as a distributed wrapper passes it
+        assert torch.allclose(method.loss_from_embeddings(torch.stack(_per_view(method, views))), want, atol=1e-5)
 
 
 def _naive_nt_xent(a: Tensor, b: Tensor, t: float) -> Tensor:

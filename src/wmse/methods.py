@@ -128,11 +128,16 @@ class WMSE(Method):
         self.n_views, self.w_size, self.w_iter = n_views, w_size, w_iter
         self.eps, self.normalize, self.whitening = eps, normalize, whitening
 
-    def loss_from_embeddings(self, emb: Sequence[Tensor], generator: torch.Generator | None = None) -> Tensor:
-        """W-MSE loss of d embeddings (N, emb) of the same N images (a DDP variant gathers them first)."""
-        return wmse_loss(
-            list(emb), self.w_size, self.w_iter, self.eps, self.normalize, self.whitening, generator
-        )
+    def loss_from_embeddings(
+        self, emb: Sequence[Tensor] | Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """W-MSE loss of d embeddings (N, emb) of the same N images, or one (d, N, emb) tensor.
+
+        Separate from :meth:`loss` so a distributed variant can gather embeddings first.
+        ``generator`` draws the slice permutations (None: the global RNG).
+        """
+        views = emb if isinstance(emb, Tensor) else list(emb)
+        return wmse_loss(views, self.w_size, self.w_iter, self.eps, self.normalize, self.whitening, generator)
 
     def loss(self, views: Sequence[Tensor]) -> Tensor:
         _check_views(views, self.n_views)
