@@ -11,7 +11,8 @@ and evaluation calls ``method.features(images)`` (backbone output, no head) on f
 
 All views go through the networks as one concatenated batch of K = N*d images. The official
 code runs the encoder once per view, so its BatchNorm statistics are per view; here they are
-over all K images (one pass is faster, and BN sees the same distribution either way).
+over all K images: one pass is faster, and as every view comes from the same augmentation
+distribution the batch statistics estimate the same moments, from d times more samples.
 """
 
 from __future__ import annotations
@@ -180,6 +181,7 @@ class BYOL(Method):
     The target (``target_backbone``, ``target_head``) starts as a copy of the online networks, never
     receives gradients and follows them by EMA in :meth:`on_step`. Loss for every pair i < j:
     ``byol_loss(p_i, z'_j) + byol_loss(p_j, z'_i)``, averaged over pairs (the official symmetric sum).
+    The loss is always the normalised MSE (the official ``--no_norm`` variant of BYOL is not offered).
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, predictor: nn.Module, tau: float = 0.99) -> None:
