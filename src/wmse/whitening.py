@@ -70,12 +70,14 @@ def fallback_count(reset: bool = False) -> int:
     """Number of slices whose covariance needed diagonal jitter since the last reset.
 
     On CUDA the count is kept on the device (no host synchronisation in the loss); reading it here
-    synchronises once. Warns once per process the first time a fallback is seen.
+    synchronises once. Warns once (per process, or since the last reset) the first time a fallback is seen.
     """
     global _warned
     total = sum(int(v) for v in _fallbacks.values())
-    if reset:
+    if reset:  # count anew, and warn again at the next fallback
         _fallbacks.clear()
+        _warned = False
+        return total
     if total and not _warned:
         _warned = True
         warnings.warn(
