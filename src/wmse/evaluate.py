@@ -163,21 +163,30 @@ def _auto_chunk(n_train: int, chunk: int | None) -> int:
     return max(1, _CHUNK_BYTES // (4 * n_train))
 
 
-def _score_chunks(
-    train_x: Tensor, test_x: Tensor, chunk: int
-) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """Yield ``(start, dots, train_sq)``: raw dot products of a test chunk with every train row.
+class _Scores:
+    """Dot products of a test chunk with the unit-norm train rows, shared by both metrics.
 
-    One matmul per chunk serves both metrics: squared Euclidean distance ranks like
-    ``|b|^2 - 2 a.b`` (the ``|a|^2`` term is constant per row) and cosine similarity ranks like
-    ``a.b / |b|``.
+    ``dots_unit[i, j] = a_i . b_j / |b_j|``. Cosine similarity ranks like it (``|a_i|`` is
+    constant per row), and ``|b|^2 - 2 |b| dots_unit = |b|^2 - 2 a.b`` ranks like the squared
+    Euclidean distance (``|a|^2`` is constant per row): one matmul and at most one elementwise
+    pass per chunk serve both kNN variants.
     """
+
+    def __init__(self, dots_unit: Tensor, train_sq: Tensor, train_norm: Tensor, rows: Tensor):
+        self.dots_unit, self.train_sq, self.train_norm, self.rows = dots_unit, train_sq, train_norm, rows
+
+
+def _score_chunks(train_x: Tensor, test_x: Tensor, chunk: int) -> Iterator[_Scores]:
+    """Yield one :class:`_Scores` per chunk of ``chunk`` test rows, in order."""
     dtype = torch.promote_types(train_x.dtype, test_x.dtype)
     xt = train_x.to(dtype)
     xq = test_x.to(device=train_x.device, dtype=dtype)
     train_sq = xt.pow(2).sum(dim=1)
+    train_norm = train_sq.sqrt()
+    unit_t = (xt / train_norm.clamp_min(1e-30)[:, None]).T
     for s in range(0, xq.shape[0], chunk):
-        yield s, xq[s : s + chunk] @ xt.T, train_sq
+        rows = xq[s : s + chunk]
+        yield _Scores(rows @ unit_t, train_sq, train_norm, rows)
 
 
 def _vote(
@@ -195,10 +204,8 @@ def _vote(
     return torch.sort(votes, dim=1, descending=True, stable=True).indices[:, :topk]
 
 
-def _knn_from_dots(
-    dots: Tensor,
-    train_sq: Tensor,
-    test_rows: Tensor,
+def _knn_from_scores(
+    sc: _Scores,
     train_y: Tensor,
     k: int,
     metric: str,
@@ -207,16 +214,18 @@ def _knn_from_dots(
     num_classes: int,
     topk: int,
 ) -> Tensor:
-    """kNN of one chunk given its dot products ``dots`` (m, N) -> ranked classes (m, topk)."""
+    """kNN of one chunk of test rows -> ranked classes (m, topk)."""
     if metric == "euclidean":
-        # d^2 - |a|^2 = |b|^2 - 2 a.b; adding |a|^2 would not change the ranking.
-        _, idx = torch.topk(train_sq - 2 * dots, k, dim=1, largest=False)
+        # |b|^2 - 2 a.b = d^2 - |a|^2: the same ranking as the distance, one pass over the block.
+        score = torch.addcmul(sc.train_sq, sc.dots_unit, sc.train_norm, value=-2)
+        _, idx = torch.topk(score, k, dim=1, largest=False)
         weights = None
     else:
-        inv_norm_b = train_sq.sqrt().clamp_min(1e-12).reciprocal()
-        inv_norm_a = test_rows.norm(dim=1, keepdim=True).clamp_min(1e-12).reciprocal()
-        sims, idx = torch.topk(dots * inv_norm_b, k, dim=1)
-        weights = None if weighting == "majority" else torch.exp(sims * inv_norm_a / temperature)
+        best, idx = torch.topk(sc.dots_unit, k, dim=1)
+        weights = None
+        if weighting == "cosine_temp":
+            inv_norm_a = sc.rows.norm(dim=1, keepdim=True).clamp_min(1e-30).reciprocal()
+            weights = torch.exp(best * inv_norm_a / temperature)
     return _vote(train_y[idx], weights, num_classes, topk)
 
 
@@ -275,11 +284,8 @@ def knn_classify(
         raise ValueError(f"topk must be between 1 and num_classes ({n_cls}), got {topk}")
     y = train_y.to(device=train_x.device, dtype=torch.int64)
     out = []
-    for s, dots, train_sq in _score_chunks(train_x, test_x, _auto_chunk(train_x.shape[0], chunk)):
-        rows = test_x[s : s + dots.shape[0]].to(device=dots.device, dtype=dots.dtype)
-        out.append(
-            _knn_from_dots(dots, train_sq, rows, y, k, metric, weighting, temperature, n_cls, topk)
-        )
+    for sc in _score_chunks(train_x, test_x, _auto_chunk(train_x.shape[0], chunk)):
+        out.append(_knn_from_scores(sc, y, k, metric, weighting, temperature, n_cls, topk))
     ranked = torch.cat(out) if out else torch.empty(0, topk, dtype=torch.int64)
     return ranked[:, 0] if topk == 1 else ranked
 
@@ -360,12 +366,10 @@ def knn_evaluate(
     top = min(5, n_cls)
     y = train_y.to(device=train_x.device, dtype=torch.int64)
     maj, wtd = [], []
-    for s, dots, train_sq in _score_chunks(train_x, test_x, _auto_chunk(train_x.shape[0], chunk)):
-        rows = test_x[s : s + dots.shape[0]].to(device=dots.device, dtype=dots.dtype)
-        maj.append(_knn_from_dots(dots, train_sq, rows, y, k, "euclidean", "majority",
-                                  temperature, n_cls, 1))
-        wtd.append(_knn_from_dots(dots, train_sq, rows, y, weighted_k, "cosine", "cosine_temp",
-                                  temperature, n_cls, top))
+    for sc in _score_chunks(train_x, test_x, _auto_chunk(train_x.shape[0], chunk)):
+        maj.append(_knn_from_scores(sc, y, k, "euclidean", "majority", temperature, n_cls, 1))
+        wtd.append(_knn_from_scores(sc, y, weighted_k, "cosine", "cosine_temp", temperature,
+                                    n_cls, top))
     if not maj:
         raise ValueError("test_x is empty: nothing to evaluate")
     m, w = torch.cat(maj), torch.cat(wtd)
@@ -477,6 +481,7 @@ def linear_probe(
     seed: int = 0,
     device: str | torch.device = "cpu",
     num_classes: int | None = None,
+    threads: int | None = 1,
 ) -> dict[str, float]:
     """Linear classifier on frozen features, as the official ``eval/sgd.py``.
 
@@ -489,6 +494,10 @@ def linear_probe(
         test_x: ``(M, F)`` float features; test_y: ``(M,)`` int labels.
         device: where to train (the features are copied there once).
         num_classes: default ``max(train_y) + 1`` (as the official code).
+        threads: torch CPU threads while training on the CPU (restored after); None keeps the
+            current setting. Default 1: each step is a few sub-millisecond ops, and on the shared
+            2-core machine two threads made the probe 30x slower (each op waits for the other
+            thread to be scheduled) while one thread was never measured slower.
 
     Returns:
         ``{"top1", "top5", "train_top1", "train_loss", "epochs", "seconds"}``; accuracies in
@@ -504,8 +513,14 @@ def linear_probe(
         raise ValueError(f"need 0 < lr_end <= lr, got lr={lr}, lr_end={lr_end}")
     dev = torch.device(device)
     start = time.perf_counter()
-    param = _train_linear(train_x, train_y, n_cls, epochs, lr, lr_end, weight_decay,
-                          batch_size, seed, dev)
+    saved = torch.get_num_threads()
+    if threads is not None and dev.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        param = _train_linear(train_x, train_y, n_cls, epochs, lr, lr_end, weight_decay,
+                              batch_size, seed, dev)
+    finally:
+        torch.set_num_threads(saved)
     w, b = param[:, :-1], param[:, -1]
     top = min(5, n_cls)
     with torch.no_grad():
@@ -545,6 +560,7 @@ def evaluate_features(
     device: str | torch.device = "cpu",
     num_classes: int | None = None,
     diagnostics: bool = True,
+    probe_threads: int | None = 1,
 ) -> dict:
     """kNN (both kinds), linear probe and feature diagnostics: everything ``wmse evaluate`` reports.
 
@@ -553,6 +569,7 @@ def evaluate_features(
         linear: run the linear probe (the slow part).
         linear_epochs: epochs of the probe (500 in the paper).
         diagnostics: add spectrum/effective rank of the train features.
+        probe_threads: CPU threads of the linear probe (see :func:`linear_probe`).
 
     Returns:
         A JSON-serialisable dict: ``{"n_train", "n_test", "feature_dim", "num_classes",
@@ -573,7 +590,8 @@ def evaluate_features(
     res["seconds"]["knn"] = time.perf_counter() - t
     if linear:
         res["linear"] = linear_probe(train_x, train_y, test_x, test_y, epochs=linear_epochs,
-                                     seed=seed, device=device, num_classes=n_cls)
+                                     seed=seed, device=device, num_classes=n_cls,
+                                     threads=probe_threads)
         res["seconds"]["linear"] = res["linear"].pop("seconds")
     if diagnostics:
         t = time.perf_counter()
