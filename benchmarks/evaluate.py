@@ -184,6 +184,9 @@ def main() -> None:
         print("  ".join(cells))
     print("ours: knn_s is one pass for both kNN variants (k=5 Euclidean majority, k=200 cosine "
           "weighted); official: k=5 only (it has no weighted kNN)")
+    print("ours: the linear probe trains on 1 thread (linear_probe's default threads=1); the "
+          "official loop and both kNN use --threads. *_cpu_s: process CPU seconds (with 1 thread, "
+          "an estimate of the wall time on an idle machine)")
     result = {
         "config": vars(args) | {"threads": torch.get_num_threads()},
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
