@@ -136,8 +136,9 @@ class _CholeskyWhiten(torch.autograd.Function):
         L = robust_cholesky(shrink(covariance(xc), eps))
         eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
         # The D x D inverse factor costs less than solving for all w rows (w > D), and turns both the
-        # forward and the backward into plain batched matmuls.
-        L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+        # forward and the backward into plain batched matmuls. X L = I is solved from the right: on
+        # CPU (MKL) that is 2-3x faster than L X = I for the same X = L^{-1}.
+        L_inv = torch.linalg.solve_triangular(L, eye, upper=False, left=False)
         z = xc @ L_inv.mT
         ctx.save_for_backward(z, L_inv)
         ctx.coef = (1.0 - eps) / (x.shape[-2] - 1)
@@ -147,10 +148,12 @@ class _CholeskyWhiten(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: Tensor) -> tuple[Tensor, None]:
         z, L_inv = ctx.saved_tensors
-        phi = (g.mT @ z).tril_()
+        shape = g.shape
+        g, z, L_inv = (t.reshape(-1, *t.shape[-2:]) for t in (g, z, L_inv))  # 3-D for baddbmm
+        phi = torch.bmm(g.mT, z).tril_()
         phi.diagonal(dim1=-2, dim2=-1).mul_(0.5)
-        gx = (g - ctx.coef * (z @ (phi + phi.mT))) @ L_inv
-        return gx - gx.mean(-2, keepdim=True), None
+        gx = torch.bmm(torch.baddbmm(g, z, phi + phi.mT, alpha=-ctx.coef), L_inv)
+        return (gx - gx.mean(-2, keepdim=True)).view(shape), None
 
 
 def _whiten_cholesky(x: Tensor, eps: float) -> Tensor:
