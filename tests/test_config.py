@@ -7,7 +7,10 @@ import shlex
 
 import pytest
 
-from wmse.config import PRESETS, Config, apply_overrides, describe_presets, get_preset, parse_value, validate
+from wmse.config import (
+    DATASETS, PRESETS, Config, apply_overrides, describe_presets, get_preset, parse_value, validate,
+)
+from wmse.data import available
 
 # Transcribed from the README of htdt/self-supervised ("To reproduce the results from table 1").
 OFFICIAL_README = """
@@ -210,11 +213,18 @@ def test_from_dict_and_replace_reject_unknown_fields() -> None:
         (dict(eval_split=None, holdout=0.0), "holdout"),
         (dict(eval_resize=60, eval_size=64), "eval_resize"),
         (dict(max_steps=0), "field 'max_steps' must be >= 1"),
+        (dict(eval_split="val"), "field 'eval_split': dataset 'cifar10' has no split 'val'; choose one of train, test"),
+        (dict(dataset="folder"), "field 'eval_split': dataset 'folder' has no split 'test'"),
+        (dict(train_split="unlabeled"), "field 'train_split'"),
     ],
 )
 def test_validate_rejects_impossible_settings(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         validate(Config(**changes))
+
+
+def test_known_datasets_are_those_of_the_data_layer() -> None:
+    assert set(DATASETS) == set(available())
 
 
 def test_validate_checks_w_size_only_for_wmse() -> None:
