@@ -600,12 +600,13 @@ def evaluate_features(
     return res
 
 
-def _flatten(d: Mapping, prefix: str = "") -> Iterator[tuple[str, object]]:
+def flatten(d: Mapping, prefix: str = "", lists: bool = False) -> Iterator[tuple[str, object]]:
+    """(dotted.key, value) for every leaf of a nested mapping; lists and tuples only when ``lists``."""
     for key, val in d.items():
         name = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(val, Mapping):
-            yield from _flatten(val, name)
-        elif not isinstance(val, (list, tuple)):
+            yield from flatten(val, name, lists)
+        elif lists or not isinstance(val, (list, tuple)):
             yield name, val
 
 
@@ -616,7 +617,7 @@ def format_table(results: Mapping) -> str:
     digits when they are small (losses, learning rates).
     """
     rows = []
-    for name, val in _flatten(results):
+    for name, val in flatten(results):
         if isinstance(val, bool) or not isinstance(val, float):
             text = str(val)
         elif val != 0 and abs(val) < 0.1:

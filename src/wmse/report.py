@@ -18,11 +18,13 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .evaluate import flatten
 
 __all__ = ["write_report", "read_jsonl"]
 
@@ -214,14 +216,6 @@ def _plot_spectrum(diags: list[dict], final: dict | None, path: Path) -> str | N
     return None
 
 
-def _flatten(d: Mapping, prefix: str = "") -> Iterator[tuple[str, object]]:
-    for k, v in d.items():
-        name = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            yield from _flatten(v, name)
-        else:
-            yield name, v
-
 
 def _fmt(v: object) -> str:
     if isinstance(v, float):
@@ -235,7 +229,7 @@ def _fmt(v: object) -> str:
 
 def _table(d: Mapping) -> str:
     rows = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in _flatten(d)
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in flatten(d, lists=True)
     )
     return f"<table>{rows}</table>"
 
