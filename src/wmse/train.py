@@ -70,6 +70,15 @@ def normalization_stats(dataset: str, images: Tensor) -> tuple[tuple[float, ...]
         return compute_stats(images)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 instructions (AVX512-BF16 or AMX); without them bf16 autocast is emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # unknown platform: do not second-guess the user
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def load_data(cfg: Config, log=print) -> Data:
     """Load the training split and a labelled evaluation pair (test split, or a seeded held-out split).
 
@@ -291,6 +300,9 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
         distributed.barrier(rt)
 
     use_bf16 = cfg.precision == "bf16"
+    if use_bf16 and device.type == "cpu" and not cpu_has_native_bf16():
+        log("note: this CPU has no native bf16 instructions, so bf16 autocast is emulated and several times "
+            "slower than fp32 here; consider --precision fp32")
     progress = Progress(total_steps) if rt.is_main else None
     stop = StopFlag()
     nonfinite_run = 0
