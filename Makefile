@@ -25,7 +25,10 @@ quick: venv fashion-mnist
 	$(BIN)/wmse pretrain --preset quick
 
 bench: venv
-	$(BIN)/python benchmarks/loss.py
+	$(BIN)/python benchmarks/loss.py --threads 1
+	$(BIN)/python benchmarks/augment.py --threads 1
+	$(BIN)/python benchmarks/evaluate.py --threads 2
+	$(BIN)/python benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
