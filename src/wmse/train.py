@@ -249,6 +249,9 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
     initial_state = copy.deepcopy(method.state_dict()) if cfg.final_eval else None
     if cfg.channels_last:
         method = method.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        # In place: the module keeps its state_dict keys, so checkpoints stay loadable without compile.
+        method.backbone.compile()
     train_module = distributed.wrap(method, cfg, rt)
     optimizer = torch.optim.Adam(method.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     augment = Augmenter(augment_config(cfg), data.mean, data.std)
