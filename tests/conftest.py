@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from wmse.config import get_preset
@@ -19,6 +20,20 @@ def tiny_folder(tmp_path_factory):
             img[..., 0 if c == 0 else 2] += 150
             Image.fromarray(img).save(root / name / f"{i:03d}.png")
     return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One torch / BLAS thread for the whole suite: the tests use small tensors, where two threads per op
+    spend more time synchronising than computing (8-30x slower measured on a busy 2-core machine), and
+    the thread count changes no result."""
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

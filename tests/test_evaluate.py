@@ -29,17 +29,6 @@ from wmse.evaluate import (
 neighbors = pytest.importorskip("sklearn.neighbors", reason="scikit-learn is the kNN reference")
 linear_model = pytest.importorskip("sklearn.linear_model", reason="scikit-learn is the LR reference")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch/BLAS thread: these problems are small, and on a shared 2-core machine two
-    threads per op spend most of their time waiting for each other (measured 30x slower)."""
-    from threadpoolctl import threadpool_limits
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(n)
 
 
 FMNIST = Path(os.environ.get("WMSE_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,13 +18,6 @@ N, C, S, EMB = 32, 1, 16, 8  # images per batch, channels, side, embedding size
 W_SIZE = 16  # > EMB, divides N
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: with a busy shared CPU, 2 threads spend more time synchronising than computing.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _views(d: int, seed: int = 0) -> list[Tensor]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,13 +11,6 @@ from torchvision import models as tv
 from wmse.models import ProjectionHead, SmallConvNet, build_backbone, stem_kind, torchvision_resnet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny batches: with a busy shared CPU, 2 threads spend more time synchronising than computing.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _conv1(model: nn.Module) -> tuple[int, int, int, int, int]:
