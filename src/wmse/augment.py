@@ -30,7 +30,7 @@ How it is computed (and why it equals torchvision's float-tensor functional ops)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
