@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wmse", description="W-MSE self-supervised learning")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="pretrain an encoder; any config field can be given as --field value",
+                       description="Any config field can be given as --field value; `wmse presets --show NAME` "
+                                   "lists the fields and their values.",
                        epilog="Example: wmse pretrain --preset cifar10-wmse4 --data_dir ~/data --epochs 200")
     p.add_argument("--preset", help="named configuration (see `wmse presets`); default: quick")
     p.add_argument("--resume", help="run directory or checkpoint to continue exactly where it stopped")
