@@ -149,9 +149,7 @@ def wmse_loss(
     """
     h = _as_views(views)
     d, N, D = h.shape
-    _check_slicing(N, D, w_size, w_iter)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_slicing(N, D, w_size, w_iter)  # whiten() checks the method
     with torch.autocast(h.device.type, enabled=False):
         h = h.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
         z = whiten(_slices(h, w_size, w_iter, generator), method=method, eps=eps, ns_iters=ns_iters)
