@@ -401,6 +401,11 @@ def diagnostics_record(method, data, cfg, device, transform) -> dict:
 
     images, _ = subsample(data.eval_test_images, data.eval_test_labels, 2048, cfg.seed + 2)
     feats = encode(method, images, transform, cfg, device)
-    embs = encode(method, images, transform, cfg, device, head=True)
+    # The head on the features already computed (eval mode), rather than a second backbone pass.
+    was_training = method.training
+    method.eval()
+    with torch.no_grad():
+        embs = method.head(feats.to(device)).float().cpu()
+    method.train(was_training)
     diag = embedding_diagnostics(feats, embs)
     return {k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in diag.items()}
