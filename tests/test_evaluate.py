@@ -209,6 +209,17 @@ def test_train_linear_equals_official_formulation() -> None:
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch_size", [100, 70])  # 70: a ragged last batch every epoch
+def test_train_linear_prefetch_gives_identical_parameters(batch_size: int) -> None:
+    # The helper thread must hand each step exactly its batch (double buffering, order).
+    xtr, ytr, _, _ = _mixture(600, 10, 12, 4, 0.5, seed=6, dtype=torch.float32)
+    kw = dict(epochs=4, lr=1e-2, lr_end=1e-6, weight_decay=5e-6, batch_size=batch_size, seed=3,
+              device=torch.device("cpu"))
+    inline = _train_linear(xtr, ytr, 4, prefetch=False, **kw)
+    background = _train_linear(xtr, ytr, 4, prefetch=True, **kw)
+    assert torch.equal(inline, background)
+
+
 def _sklearn_lr_top1(xtr, ytr, xte, yte, weight_decay=5e-6) -> float:
     # Adam's weight_decay adds wd * W to the gradient of the mean loss: an L2 penalty
     # (wd / 2) |W|^2, i.e. sklearn's C = 1 / (wd * N) (its loss is C * sum + |W|^2 / 2).
@@ -290,3 +301,22 @@ def test_evaluate_features_and_table() -> None:
     assert "knn.top1" in table and "linear.top5" in table and "diagnostics.feature_eff_rank" in table
     assert "spectrum_features" not in table  # lists are left out
     assert f"{res['knn']['top1']:.2f}" in table
+
+
+@pytest.mark.skipif(not hasattr(torch, "_fused_adam_"), reason="this torch has no fused Adam kernel")
+def test_fused_adam_matches_written_out_adam() -> None:
+    from wmse.evaluate import _Adam
+
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(10, 33, generator=gen)
+    grads = [torch.randn(10, 33, generator=gen) for _ in range(20)]
+    params = []
+    for fused in (True, False):
+        p = start.clone()
+        opt = _Adam(p, weight_decay=5e-3, fused=fused)
+        assert opt.fused is fused
+        for i, g in enumerate(grads):
+            opt.step(g.clone(), lr=1e-2 * 0.9**i)
+        params.append(p)
+    assert not torch.equal(params[0], start)
+    torch.testing.assert_close(params[0], params[1], rtol=1e-5, atol=1e-6)
