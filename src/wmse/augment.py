@@ -188,7 +188,7 @@ def rgb_to_grayscale(x: Tensor) -> Tensor:
     if x.shape[1] == 1:
         return x
     r, g, b = x.unbind(dim=1)
-    return (r * _GRAY[0] + g * _GRAY[1] + b * _GRAY[2]).unsqueeze(1)
+    return torch.mul(r, _GRAY[0]).add_(g, alpha=_GRAY[1]).add_(b, alpha=_GRAY[2]).unsqueeze(1)
 
 
 def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
@@ -241,7 +241,7 @@ def _jitter_stage(x: Tensor, op: Tensor, active: Tensor, factors: Tensor, masked
     s_coef = one_minus * is_s.view(n, 1, 1, 1).to(x.dtype)
     c_coef = one_minus * is_c.view(n, 1, 1, 1).to(x.dtype)
     ref = torch.addcmul(mean * c_coef, gray, s_coef)
-    x = x.mul_(f.view(n, 1, 1, 1)).add_(ref).clamp_(0.0, 1.0)  # in place: x is this view's own copy
+    x = torch.addcmul(ref, x, f.view(n, 1, 1, 1), out=x).clamp_(0.0, 1.0)  # in place: x is this view's own copy
     if c == 3:
         is_h = active & (op == _HUE)
         if masked_hue:
@@ -254,7 +254,10 @@ def _jitter_stage(x: Tensor, op: Tensor, active: Tensor, factors: Tensor, masked
 
 
 def color_jitter(x: Tensor, params: ViewParams, masked_hue: bool | None = None) -> Tensor:
-    """RandomApply(ColorJitter) with per-sample factors and op order; x float ``(N, C, H, W)`` in [0, 1]."""
+    """RandomApply(ColorJitter) with per-sample factors and op order; x float ``(N, C, H, W)`` in [0, 1].
+
+    Works in place (the caller's ``x`` is overwritten): pass a copy to keep it.
+    """
     masked_hue = x.is_cuda if masked_hue is None else masked_hue
     if not x.is_cuda and not bool(params.jitter.any()):
         return x  # nothing to do (checked on the CPU only: on CUDA it would cost a host sync)
@@ -264,8 +267,16 @@ def color_jitter(x: Tensor, params: ViewParams, masked_hue: bool | None = None) 
 
 
 def random_grayscale(x: Tensor, gray: Tensor) -> Tensor:
-    """Replace the selected samples (``gray`` (N,) bool) by their 3-channel luma."""
+    """Replace the selected samples (``gray`` (N,) bool) by their 3-channel luma.
+
+    Works in place on CPU tensors (the caller's ``x`` is overwritten there): pass a copy to keep it.
+    """
     if x.shape[1] == 1:
+        return x
+    if not x.is_cuda:  # only the selected samples (~10%); on CUDA this would cost a host sync
+        sel = gray.nonzero().flatten()
+        if sel.numel():
+            x[sel] = rgb_to_grayscale(x[sel]).expand(-1, x.shape[1], -1, -1)
         return x
     # lerp with weight exactly 0 or 1 returns start or end exactly (cheaper than a broadcast where).
     return torch.lerp(x, rgb_to_grayscale(x).expand_as(x), gray.view(-1, 1, 1, 1).to(x.dtype))
@@ -318,19 +329,29 @@ def resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int,
 
 
 def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None,
-                 interpolation: str = "bicubic", out: Tensor | None = None) -> Tensor:
+                 interpolation: str = "bicubic", out: Tensor | None = None,
+                 workspace: Tensor | None = None) -> Tensor:
     """Crop ``boxes`` (N, 4: top, left, h, w) of float ``x (N, C, H, W)``, resize to size x size, flip.
+
+    ``workspace``: optional float32 buffer of at least N * C * size * W elements for the
+    intermediate product. On a CPU a fresh 6 MB result costs more in page faults than the matmul
+    that fills it (measured 12 ms vs 4 ms for 128 x 3 x 64 x 64), so callers that resize chunk
+    after chunk pass the same buffer each time.
 
     Returns:
         float32 ``(N, C, size, size)``, written into ``out`` when given (not clamped; the caller clamps).
     """
-    n, _, height, width = x.shape
+    n, c, height, width = x.shape
     wy = resize_weights(boxes[:, 0], boxes[:, 2], height, size, interpolation)  # (N, S, H)
     wx = resize_weights(boxes[:, 1], boxes[:, 3], width, size, interpolation)  # (N, S, W)
     if flip is not None:
         wx = torch.where(flip.view(-1, 1, 1), wx.flip(1), wx)
+    rows = None
+    if workspace is not None:
+        rows = workspace.view(-1)[: n * c * size * width].view(n, c, size, width)
     # (N, 1, S, H) @ (N, C, H, W) @ (N, 1, W, S) -> (N, C, S, S)
-    return torch.matmul(torch.matmul(wy.unsqueeze(1), x), wx.transpose(1, 2).unsqueeze(1), out=out)
+    rows = torch.matmul(wy.unsqueeze(1), x, out=rows)
+    return torch.matmul(rows, wx.transpose(1, 2).unsqueeze(1), out=out)
 
 
 # ------------------------------------------------------------------ the augmenter
@@ -376,14 +397,20 @@ class Augmenter:
             mean = _stats_tensor(self.mean, c, out.device, "mean")
             scale = 1.0 / _stats_tensor(self.std, c, out.device, "std")
             shift = -mean * scale
+        # Buffers reused by every chunk (fresh tensors of this size cost page faults on a CPU).
+        h, w = images.shape[2:]
+        workspace = torch.empty(min(step, n) * c * self.cfg.size * w, device=images.device)
+        floats = torch.empty((min(step, n), c, h, w), device=images.device)
         for s in range(0, n, step):
             p = ViewParams(*(getattr(params, f)[s:s + step] for f in
                              ("boxes", "flip", "jitter", "order", "factors", "gray")))
-            x = images[s:s + step].to(torch.float32).div_(255.0)
+            chunk = images[s:s + step]
+            x = torch.div(chunk, 255.0, out=floats[: chunk.shape[0]])
             x = color_jitter(x, p)
             x = random_grayscale(x, p.gray)
             part = out[s:s + step]  # chunks are written in place: no concatenation copy
-            resized_crop(x, p.boxes, self.cfg.size, p.flip, self.cfg.interpolation, out=part).clamp_(0.0, 1.0)
+            resized_crop(x, p.boxes, self.cfg.size, p.flip, self.cfg.interpolation, out=part,
+                         workspace=workspace).clamp_(0.0, 1.0)
             if normalize:
                 part.mul_(scale).add_(shift)
         return out
