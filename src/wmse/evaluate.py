@@ -399,7 +399,7 @@ def _init_linear(in_features: int, num_classes: int, generator: torch.Generator)
 
 
 # torch's fused Adam kernel (what ``torch.optim.Adam(fused=True)`` calls): one op instead of the
-# eight below, about 50 us less per step on a CPU. Private, so used only where it exists.
+# eight below, 9 us instead of ~64 us per step on this CPU. Private, so used only where it exists.
 _FUSED_ADAM = getattr(torch, "_fused_adam_", None)
 
 
@@ -418,7 +418,8 @@ class _Adam:
         self.m = torch.zeros_like(param)
         self.v = torch.zeros_like(param)
         self.t = 0
-        supported = _FUSED_ADAM is not None and param.device.type in ("cpu", "cuda")
+        # CPU only: that is where it is tested and measured (the CUDA path keeps the written-out update).
+        supported = _FUSED_ADAM is not None and param.device.type == "cpu"
         self.fused = supported if fused is None else fused and supported
         self.step_t = torch.zeros((), dtype=torch.float32, device=param.device)
 
