@@ -30,16 +30,20 @@ How it is computed (and why it equals torchvision's float-tensor functional ops)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from .config import Config
+
 __all__ = ["AugmentConfig", "ViewParams", "Augmenter", "eval_transform", "sample_crop_boxes", "sample_params",
            "color_jitter", "random_grayscale",
            "resize_weights", "resized_crop", "adjust_hue", "rgb_to_grayscale"]
 
+# The paper's recipe is written once, as the defaults of the run configuration (torch-free).
+_RECIPE = {f.name: f.default for f in fields(Config)}
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = 0, 1, 2, 3
 
@@ -49,12 +53,12 @@ class AugmentConfig:
     """Parameters of the training augmentation (defaults: the paper's CIFAR/STL/Tiny IN recipe)."""
 
     size: int
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.1
-    flip_p: float = 0.5
+    crop_scale: tuple[float, float] = _RECIPE["crop_scale"]
+    crop_ratio: tuple[float, float] = _RECIPE["crop_ratio"]
+    jitter: tuple[float, float, float, float] = _RECIPE["jitter"]  # brightness, contrast, saturation, hue
+    jitter_p: float = _RECIPE["jitter_p"]
+    grayscale_p: float = _RECIPE["grayscale_p"]
+    flip_p: float = _RECIPE["flip_p"]
     interpolation: str = "bicubic"
 
     def __post_init__(self) -> None:

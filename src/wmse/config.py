@@ -81,7 +81,7 @@ class Config:
     lr_drop_epochs: Optional[tuple[int, ...]] = None  # None -> (epochs-50, epochs-25) clipped to >= 0
     lr_drop_factor: float = 0.2
 
-    # --- augmentation (official defaults)
+    # --- augmentation (official defaults; wmse.augment.AugmentConfig takes its defaults from here)
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
