@@ -462,7 +462,7 @@ def _train_linear(
     The gradient of mean cross-entropy is written by hand, ``dL/dlogits = (softmax - onehot)/B``,
     and the bias is a column of ones appended to the features, so one step is a gather, two
     small matmuls and one Adam update of one tensor: no autograd graph, no parameter groups.
-    ``prefetch`` gathers the next batch in a helper thread (see :func:`_two_thread_steps`); the
+    ``prefetch`` gathers the next batch in a helper thread (see :func:`_prefetched`); the
     result is the same either way.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -491,21 +491,23 @@ def _train_linear(
         return (torch.index_select(x, 0, idx, out=xb_buf[turn][:m]),
                 torch.index_select(onehot_t, 1, idx, out=yb_buf[turn][:, :m]))
 
-    if not prefetch:
-        for lr_step, idx in schedule():
-            xb, yb_t = gather(idx, 0)
+    helper = ThreadPoolExecutor(1, thread_name_prefix="wmse-probe") if prefetch else None
+    try:
+        batches = (_prefetched(schedule(), gather, helper) if helper is not None
+                   else ((lr_step, *gather(idx, 0)) for lr_step, idx in schedule()))
+        for lr_step, xb, yb_t in batches:
             g_t = torch.softmax(torch.mm(param, xb.T), dim=0).sub_(yb_t)  # dL/dlogits^T * B
             opt.step(torch.mm(g_t, xb).mul_(1.0 / xb.shape[0]), lr_step)
-        return param.detach()
-    with ThreadPoolExecutor(1, thread_name_prefix="wmse-probe") as helper:
-        _two_thread_steps(param, opt, schedule(), gather, helper)
+    finally:
+        if helper is not None:
+            helper.shutdown()
     return param.detach()
 
 
-def _two_thread_steps(param: Tensor, opt: _Adam, plan: Iterator[tuple[float, Tensor]],
-                      gather: Callable[[Tensor, int], tuple[Tensor, Tensor]], helper: ThreadPoolExecutor) -> None:
-    """The probe's steps with the gather of batch s + 1 (into the other buffer) running in a
-    helper thread while the calling thread computes step s.
+def _prefetched(plan: Iterator[tuple[float, Tensor]], gather: Callable[[Tensor, int], tuple[Tensor, Tensor]],
+                helper: ThreadPoolExecutor) -> Iterator[tuple[float, Tensor, Tensor]]:
+    """(lr, x rows, one-hot columns) of each step of ``plan``, with the gather of batch s + 1 (into
+    the other buffer) running in ``helper`` while the caller computes step s.
 
     With one torch thread every op runs in the thread that calls it, so the two overlap on two
     cores. The gather of 1000 random rows is memory-bound, about a third of a step: measured
@@ -521,8 +523,7 @@ def _two_thread_steps(param: Tensor, opt: _Adam, plan: Iterator[tuple[float, Ten
         if upcoming is not None:
             turn ^= 1
             batch = helper.submit(gather, upcoming[1], turn)
-        g_t = torch.softmax(torch.mm(param, xb.T), dim=0).sub_(yb_t)  # dL/dlogits^T * B
-        opt.step(torch.mm(g_t, xb).mul_(1.0 / xb.shape[0]), current[0])
+        yield current[0], xb, yb_t  # the caller is done with this buffer when it asks for the next
         current = upcoming
 
 
