@@ -115,7 +115,21 @@ def test_resized_crop_with_flip_matches_torchvision_and_takes_the_box():
     torch.testing.assert_close(ours[2], x[2, :, 63:, 63:].expand(3, 32, 32))  # a 1-pixel box is constant
 
 
-def test_masked_and_subset_hue_paths_agree():
+def test_hue_in_place_and_crop_with_row_order_match_the_plain_calls():
+    x = real_images(16, 64).float() / 255
+    shift = torch.linspace(-0.5, 0.5, 16)
+    expected = adjust_hue(x, shift)
+    y = x.clone()
+    assert adjust_hue(y, shift, out=y) is y
+    torch.testing.assert_close(y, expected, atol=0, rtol=0)
+    boxes = sample_crop_boxes(16, 64, 64, (0.2, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(3))
+    flip = torch.arange(16) % 2 == 0
+    rows = torch.randperm(16, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(resized_crop(x, boxes, 24, flip, rows=rows), resized_crop(x[rows], boxes, 24, flip),
+                               atol=0, rtol=0)
+
+
+def test_masked_and_grouped_jitter_paths_agree():
     x = real_images(64).float() / 255
     p = sample_params(AugmentConfig(size=32), 64, 32, 32, torch.Generator().manual_seed(1))
     torch.testing.assert_close(color_jitter(x.clone(), p, masked_hue=True), color_jitter(x.clone(), p,
