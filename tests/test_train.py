@@ -16,7 +16,7 @@ import torch
 from wmse.checkpoint import load_checkpoint
 from wmse.cli import main
 from wmse.progress import read_metrics
-from wmse.train import pretrain
+from wmse.train import StopFlag, pretrain
 
 
 def losses(run_dir):
@@ -117,3 +117,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_folder, tmp_path):
     assert "resume with: wmse pretrain --resume" in err
     ckpt = load_checkpoint(tmp_path / "sig")
     assert 0 < ckpt["step"] < 1000 * 3
+
+
+def test_stop_flag_is_announced_by_the_main_rank_only(capsys):
+    quiet, loud = StopFlag(announce=False), StopFlag()
+    quiet(signal.SIGTERM, None)
+    assert quiet.signal == signal.SIGTERM and capsys.readouterr().err == ""
+    loud(signal.SIGINT, None)
+    assert loud.signal == signal.SIGINT and "SIGINT: saving a checkpoint" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):  # a second signal gives up at once
+        loud(signal.SIGINT, None)

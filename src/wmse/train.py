@@ -187,17 +187,23 @@ def format_final(results: dict, note: str) -> str:
 
 
 class StopFlag:
-    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the next step boundary and returns."""
+    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the next step boundary and returns.
 
-    def __init__(self) -> None:
+    ``announce``: print the one-line notice (torchrun sends the signal to every rank; only the
+    main rank says so).
+    """
+
+    def __init__(self, announce: bool = True) -> None:
         self.signal: int | None = None
+        self.announce = announce
 
     def __call__(self, signum, frame) -> None:
         if self.signal is not None:  # second Ctrl-C: give up immediately
             raise KeyboardInterrupt
         self.signal = signum
-        print(f"\nsignal {signal.Signals(signum).name}: saving a checkpoint and stopping after this step",
-              file=sys.stderr)
+        if self.announce:
+            print(f"\nsignal {signal.Signals(signum).name}: saving a checkpoint and stopping after this step",
+                  file=sys.stderr)
 
     @contextmanager
     def installed(self):
@@ -307,7 +313,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
         log("note: this CPU has no native bf16 instructions, so bf16 autocast is emulated and several times "
             "slower than fp32 here; consider --precision fp32")
     progress = Progress(total_steps) if rt.is_main else None
-    stop = StopFlag()
+    stop = StopFlag(announce=rt.is_main)
     nonfinite_run = 0
     finished, stopping = True, False
     with stop.installed():
