@@ -127,6 +127,9 @@ def test_hue_in_place_and_crop_with_row_order_match_the_plain_calls():
     rows = torch.randperm(16, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(resized_crop(x, boxes, 24, flip, rows=rows), resized_crop(x[rows], boxes, 24, flip),
                                atol=0, rtol=0)
+    plain = resized_crop(x, boxes, 24, flip)
+    assert plain.min() < 0 or plain.max() > 1  # bicubic overshoots: the clamp has work to do
+    torch.testing.assert_close(resized_crop(x, boxes, 24, flip, clamp=True), plain.clamp(0, 1), atol=0, rtol=0)
 
 
 def test_masked_and_grouped_jitter_paths_agree():

@@ -14,14 +14,17 @@ How it is computed (and why it equals torchvision's float-tensor functional ops)
 * Colour ops run at the input resolution, before the crop, as in the recipe: contrast blends
   with the mean of the whole image, so cropping first would change the result.
 * ``order[:, k]`` is the op each sample applies at stage k. Brightness, contrast and saturation
-  are all ``clamp(f * x + (1 - f) * ref)`` with ref = 0, the gray mean, or the gray image, so one
-  blend per stage serves every sample (a sample doing another op uses f = 1, an exact identity).
-  Hue (RGB -> HSV shift -> RGB, torchvision's formulas) runs on the selected samples only on the
-  CPU, and on all samples with ``torch.where`` on CUDA (no host sync from data-dependent shapes).
+  are all ``clamp(f * x + (1 - f) * ref)`` with ref = 0, the gray mean, or the gray image; hue is
+  RGB -> HSV shift -> RGB with torchvision's formulas. On the CPU the samples are regrouped by
+  their op before each stage, so each op runs in place on one contiguous slice of the samples
+  that take it. On CUDA one blend per stage serves every sample (f = 1, an exact identity, for
+  the others) and hue is computed for all and selected with ``torch.where``: no data-dependent
+  shapes, so no host sync.
 * Crop + resize + flip is one pair of batched matmuls: per sample a (size x H) and a
   (size x W) weight matrix holding exactly the weights of torch's antialiased resize of the crop
   (Keys cubic a = -0.5, as PIL; the filter widens when downscaling), with edge taps clamped to
   the crop like torchvision's crop-then-resize; a flipped sample has its column matrix reversed.
+  The channels are folded into the matrices, ``(S, H) @ (H, C*W)`` then ``(S*C, W) @ (W, S)``.
 * Everything stays float32 in [0, 1] between ops (torchvision on uint8/PIL rounds after every
   op: differences of at most ~0.5/255 per op). The resized image is clamped to [0, 1] as the
   uint8 pipelines do.
@@ -413,7 +416,7 @@ def resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int,
 
 def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None,
                  interpolation: str = "bicubic", out: Tensor | None = None,
-                 workspace: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
+                 workspace: Tensor | None = None, rows: Tensor | None = None, clamp: bool = False) -> Tensor:
     """Crop ``boxes`` (N, 4: top, left, h, w) of float ``x (N, C, H, W)``, resize to size x size, flip.
 
     Two batched matmuls with the channels folded into the matrices, ``(S, H) @ (H, C*W)`` then
@@ -428,8 +431,10 @@ def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None
     ``rows``: optional int64 ``(N,)``: sample i is ``x[rows[i]]`` (taken while ``x`` is copied
     into the matmul layout, so a caller holding its images in another order pays no extra pass).
 
+    ``clamp``: clamp the result to [0, 1] as it is written out (one pass fewer than clamping after).
+
     Returns:
-        float32 ``(N, C, size, size)``, written into ``out`` when given (not clamped; the caller clamps).
+        float32 ``(N, C, size, size)``, written into ``out`` when given.
     """
     n, c, height, width = x.shape
     wy = resize_weights(boxes[:, 0], boxes[:, 2], height, size, interpolation)  # (N, S, H)
@@ -446,7 +451,8 @@ def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None
     first = torch.bmm(wy, x_hcw.view(n, height, c * width), out=parts[1].view(n, size, c * width))
     both = torch.bmm(first.view(n, size * c, width), wx.transpose(1, 2), out=parts[2].view(n, size * c, size))
     both = both.view(n, size, c, size).permute(0, 2, 1, 3)  # back to (N, C, S, S)
-    return both.contiguous() if out is None else out.copy_(both)
+    out = torch.empty((n, c, size, size), device=x.device) if out is None else out
+    return torch.clamp(both, 0.0, 1.0, out=out) if clamp else out.copy_(both)
 
 
 # ------------------------------------------------------------------ the augmenter
@@ -517,7 +523,7 @@ class Augmenter:
                 order = torch.argsort(where)
             part = out[s:s + step]  # chunks are written in place: no concatenation copy
             resized_crop(x, p.boxes, size, p.flip, self.cfg.interpolation, out=part,
-                         workspace=workspace, rows=order).clamp_(0.0, 1.0)
+                         workspace=workspace, rows=order, clamp=True)
             if normalize:
                 part.mul_(scale).add_(shift)
         return out
