@@ -132,6 +132,21 @@ def test_hue_in_place_and_crop_with_row_order_match_the_plain_calls():
     torch.testing.assert_close(resized_crop(x, boxes, 24, flip, clamp=True), plain.clamp(0, 1), atol=0, rtol=0)
 
 
+def test_augmenter_colour_stage_gives_the_same_images_on_both_paths():
+    # The CUDA path (no spare buffer: masked, rows in order) run on the CPU against the CPU path
+    # (rows grouped by op, with the order that puts them back).
+    from wmse.augment import _colour
+    images = real_images(40, 32)
+    p = sample_params(AugmentConfig(size=32, grayscale_p=0.3), 40, 32, 32, torch.Generator().manual_seed(5))
+    assert p.gray.any() and p.jitter.any()
+    masked, none = _colour(images, p, torch.empty(40, 3, 32, 32), None)
+    grouped, order = _colour(images, p, torch.empty(40, 3, 32, 32), torch.empty(40, 3, 32, 32))
+    assert none is None and not torch.equal(order, torch.arange(40))
+    torch.testing.assert_close(grouped[order], masked)
+    gray = masked[p.gray]
+    torch.testing.assert_close(gray[:, 0], gray[:, 2], atol=0, rtol=0)  # grayscale happened on both
+
+
 def test_masked_and_grouped_jitter_paths_agree():
     x = real_images(64).float() / 255
     p = sample_params(AugmentConfig(size=32), 64, 32, 32, torch.Generator().manual_seed(1))
