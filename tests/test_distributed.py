@@ -154,13 +154,20 @@ def test_default_mode_whitens_each_ranks_own_slices(ddp_results):
 
 
 def test_contrastive_gathers_negatives_from_all_ranks(ddp_results):
-    """Contrastive loss and gradients = single-process NT-Xent on the global batch (negatives of both ranks)."""
+    """Contrastive loss and gradients = single-process NT-Xent on the global batch (negatives of both ranks).
+
+    Each rank computes only its own anchors' rows: its loss is the mean over them, and the mean over
+    ranks (what the training loop reports) is the global loss."""
     want = reference("contrastive", lambda m, views, step: nt_xent_loss(*m.embed(views), temperature=0.5))
-    for rank in range(WORLD):
-        for step in range(2):
-            got = ddp_results[rank]["contrastive"][step]
-            torch.testing.assert_close(got["loss"], want[step]["loss"], rtol=1e-5, atol=1e-8)
-            assert_close_grads(got["grads"], want[step]["grads"])
+    n = N // WORLD
+    for step in range(2):
+        per_rank = [ddp_results[rank]["contrastive"][step]["loss"] for rank in range(WORLD)]
+        torch.testing.assert_close(sum(per_rank) / WORLD, want[step]["loss"], rtol=1e-5, atol=1e-8)
+        for rank in range(WORLD):
+            mine = reference("contrastive", lambda m, views, _: nt_xent_loss(
+                *m.embed(views), temperature=0.5, anchors=slice(rank * n, (rank + 1) * n)))
+            torch.testing.assert_close(per_rank[rank], mine[step]["loss"], rtol=1e-5, atol=1e-8)
+            assert_close_grads(ddp_results[rank]["contrastive"][step]["grads"], want[step]["grads"])
 
 
 def test_byol_gradient_is_the_global_batch_gradient(ddp_results):

@@ -158,6 +158,19 @@ def test_nt_xent_matches_per_anchor_reference():
         nt_xent_loss(z1, z2[:5])
 
 
+def test_nt_xent_over_anchor_slices_averages_to_the_full_loss():
+    g = torch.Generator().manual_seed(10)
+    z1, z2 = torch.randn(12, 6, generator=g, dtype=torch.float64), torch.randn(12, 6, generator=g, dtype=torch.float64)
+    full = nt_xent_loss(z1, z2, 0.2)
+    parts = [nt_xent_loss(z1, z2, 0.2, anchors=slice(s, s + 4)) for s in (0, 4, 8)]
+    torch.testing.assert_close(sum(parts) / 3, full, rtol=1e-6, atol=0)
+    assert len({round(p.item(), 6) for p in parts}) == 3  # each slice is its own share
+    torch.testing.assert_close(nt_xent_loss(z1, z2, 0.2, anchors=slice(0, 12)), full, rtol=0, atol=0)
+    for bad in (slice(5, 5), slice(0, 12, 2)):
+        with pytest.raises(ValueError, match="anchors"):
+            nt_xent_loss(z1, z2, anchors=bad)
+
+
 def test_byol_loss_is_normalized_mse():
     g = torch.Generator().manual_seed(10)
     p, z = torch.randn(20, 7, generator=g), torch.randn(20, 7, generator=g)

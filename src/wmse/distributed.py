@@ -133,8 +133,9 @@ def slice_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
 class _GatherCat(torch.autograd.Function):
     """All-gather along dim ``dim`` (rank order) whose backward is the sum of the gradients of every rank.
 
-    Every rank computes the same global loss L(E) of the gathered E, so the gradient reaching rank r's part
-    is sum_q dL_q/dE_r = W dL/dE_r. DDP then averages parameter gradients over W ranks:
+    Rank q computes a loss L_q of the gathered E whose mean over ranks is the global loss L (W-MSE with
+    global whitening: L_q = L; contrastive: the mean over rank q's anchors). The gradient reaching rank r's
+    part is sum_q dL_q/dE_r = W dL/dE_r. DDP then averages parameter gradients over W ranks:
     (1/W) sum_r W (dL/dE_r)(dE_r/dtheta) = dL/dtheta, the single-process gradient on the whole batch.
     """
 
@@ -192,9 +193,14 @@ class DistributedLoss(nn.Module):
                 return m.loss_from_embeddings(gather_cat(emb, dim=1), generator=slice_generator(self.seed, step))
             return m.loss_from_embeddings(emb, generator=slice_generator(self.seed, step, self.rank))
         if isinstance(m, Contrastive):
-            z = gather_cat(torch.stack(m.embed(views)), dim=1)  # (d, N, D): negatives from every rank
+            local = torch.stack(m.embed(views))  # (d, n, D)
+            z = gather_cat(local, dim=1)  # (d, N, D): negatives from every rank
+            # This rank's anchors only: its n rows of the N x 2N logits (the mean over ranks is the
+            # global loss, and the gather's backward brings every rank's share of the gradient).
+            n = local.shape[1]
+            mine = slice(self.rank * n, (self.rank + 1) * n) if z.shape[1] != n else None
             pairs = [(i, j) for i in range(len(z)) for j in range(i + 1, len(z))]
-            return sum(nt_xent_loss(z[i], z[j], m.temperature, m.normalize) for i, j in pairs) / len(pairs)
+            return sum(nt_xent_loss(z[i], z[j], m.temperature, m.normalize, anchors=mine) for i, j in pairs) / len(pairs)
         return m.loss(views)  # BYOL and others: a mean over images, DDP's gradient average is exact
 
 
