@@ -200,7 +200,8 @@ class DistributedLoss(nn.Module):
             n = local.shape[1]
             mine = slice(self.rank * n, (self.rank + 1) * n) if z.shape[1] != n else None
             pairs = [(i, j) for i in range(len(z)) for j in range(i + 1, len(z))]
-            return sum(nt_xent_loss(z[i], z[j], m.temperature, m.normalize, anchors=mine) for i, j in pairs) / len(pairs)
+            total = sum(nt_xent_loss(z[i], z[j], m.temperature, m.normalize, anchors=mine) for i, j in pairs)
+            return total / len(pairs)
         return m.loss(views)  # BYOL and others: a mean over images, DDP's gradient average is exact
 
 
