@@ -321,7 +321,8 @@ def color_jitter(x: Tensor, params: ViewParams, masked_hue: bool | None = None) 
     ``masked_hue`` (default: on CUDA) computes every op for every sample and selects, with no
     data-dependent shapes; otherwise the samples are regrouped by op at each stage
     (:func:`_jitter_grouped`). Both give the same result.
-    Works in place (the caller's ``x`` is overwritten): pass a copy to keep it.
+    Use the returned tensor: ``x`` serves as working memory and is overwritten (pass a copy to keep
+    it); on the CPU the result may be in another buffer, with ``x`` left holding intermediate rows.
     """
     masked_hue = x.is_cuda if masked_hue is None else masked_hue
     if masked_hue:
