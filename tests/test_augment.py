@@ -17,7 +17,7 @@ from scipy import stats
 from torchvision.transforms import InterpolationMode
 
 from wmse.augment import (AugmentConfig, Augmenter, ViewParams, adjust_hue, color_jitter, eval_transform,
-                          resized_crop, rgb_to_grayscale, sample_crop_boxes, sample_params)
+                          resize_weights, resized_crop, rgb_to_grayscale, sample_crop_boxes, sample_params)
 
 REAL_CIFAR = Path("/work/shared/datasets/cifar10-jpeg/train")
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2430, 0.2610)
@@ -127,6 +127,9 @@ def test_hue_in_place_and_crop_with_row_order_match_the_plain_calls():
     rows = torch.randperm(16, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(resized_crop(x, boxes, 24, flip, rows=rows), resized_crop(x[rows], boxes, 24, flip),
                                atol=0, rtol=0)
+    dirty = torch.full((16, 24, 64), 7.0)  # a reused buffer still holding the last chunk's values
+    torch.testing.assert_close(resize_weights(boxes[:, 1], boxes[:, 3], 64, 24, flip=flip, out=dirty),
+                               resize_weights(boxes[:, 1], boxes[:, 3], 64, 24, flip=flip), atol=0, rtol=0)
     plain = resized_crop(x, boxes, 24, flip)
     assert plain.min() < 0 or plain.max() > 1  # bicubic overshoots: the clamp has work to do
     torch.testing.assert_close(resized_crop(x, boxes, 24, flip, clamp=True), plain.clamp(0, 1), atol=0, rtol=0)
