@@ -247,6 +247,22 @@ def test_shapes_dtypes_ranges_and_device():
         aug(images, 0)
 
 
+def test_kept_buffers_follow_the_input_shape_and_never_leak_into_results():
+    aug = Augmenter(AugmentConfig(size=24), MEAN, STD, chunk=16)
+    small, big = real_images(40, 32), real_images(20, 48)
+    p_small = aug.sample(40, 32, 32, torch.Generator().manual_seed(6))
+    p_big = aug.sample(20, 48, 48, torch.Generator().manual_seed(7))
+    first = aug.apply(small, p_small)
+    kept = first.clone()
+    other = aug.apply(big, p_big)  # other shapes: the kept buffers are replaced
+    again = aug.apply(small, p_small)
+    torch.testing.assert_close(first, kept, atol=0, rtol=0)  # the first result was not overwritten
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    fresh = Augmenter(AugmentConfig(size=24), MEAN, STD, chunk=16)
+    torch.testing.assert_close(other, fresh.apply(big, p_big), atol=0, rtol=0)
+    assert first.data_ptr() != again.data_ptr()
+
+
 def test_seeded_determinism_and_independence():
     images = real_images(64)
     aug = Augmenter(AugmentConfig(size=32), MEAN, STD)
