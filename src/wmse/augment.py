@@ -280,11 +280,15 @@ def _apply_op(x: Tensor, op: int, factors: Tensor) -> None:
     x.clamp_(0.0, 1.0)
 
 
+def _stage_ops(params: ViewParams, stage: int, where: Tensor) -> Tensor:
+    """Op of the samples ``where`` (original indices) at ``stage``; 4 for samples without jitter."""
+    return torch.where(params.jitter[where], params.order[where, stage], 4)
+
+
 def _grouping(params: ViewParams, stage: int, where: Tensor) -> Tensor:
-    """Stable order that groups the samples ``where`` (original indices) by their op at ``stage``:
-    brightness, contrast, saturation, hue, then the samples without jitter."""
-    op = torch.where(params.jitter[where], params.order[where, stage], 4)
-    return torch.argsort(op, stable=True)
+    """Stable order that groups the samples ``where`` by their op at ``stage``: brightness,
+    contrast, saturation, hue, then the samples without jitter."""
+    return torch.argsort(_stage_ops(params, stage, where), stable=True)
 
 
 def _jitter_grouped(x: Tensor, params: ViewParams, where: Tensor, spare: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -301,14 +305,14 @@ def _jitter_grouped(x: Tensor, params: ViewParams, where: Tensor, spare: Tensor)
     """
     identity = torch.arange(x.shape[0], device=x.device)
     for stage in range(4):
-        perm = _grouping(params, stage, where)
+        op = _stage_ops(params, stage, where)
+        perm = torch.argsort(op, stable=True)
         if not torch.equal(perm, identity):
             x, spare = torch.index_select(x, 0, perm, out=spare), x
             where = where[perm]
-        op = torch.where(params.jitter[where], params.order[where, stage], 4)
         factors = params.factors[where]
         start = 0
-        for op_id, count in enumerate(torch.bincount(op, minlength=5).tolist()[:4]):
+        for op_id, count in enumerate(torch.bincount(op, minlength=5).tolist()[:4]):  # order-free counts
             if count:
                 _apply_op(x[start:start + count], op_id, factors[start:start + count])
             start += count
