@@ -423,9 +423,14 @@ def resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int,
     return out.scatter_add_(2, idx, weights)
 
 
+def _crop_parts(n: int, c: int, height: int, width: int, size: int) -> list[int]:
+    """Sizes of resized_crop's workspace parts: input in matmul layout, first product, result, wy, wx."""
+    return [n * c * height * width, n * c * size * width, n * c * size * size, n * size * height, n * size * width]
+
+
 def crop_workspace_size(n: int, channels: int, height: int, width: int, size: int) -> int:
     """Elements of the ``workspace`` that :func:`resized_crop` needs for n images."""
-    return n * channels * (height * width + size * width + size * size) + n * size * (height + width)
+    return sum(_crop_parts(n, channels, height, width, size))
 
 
 def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None,
@@ -454,8 +459,8 @@ def resized_crop(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None
         float32 ``(N, C, size, size)``, written into ``out`` when given.
     """
     n, c, height, width = x.shape
-    sizes = [n * c * height * width, n * c * size * width, n * c * size * size, n * size * height, n * size * width]
-    need = crop_workspace_size(n, c, height, width, size)
+    sizes = _crop_parts(n, c, height, width, size)
+    need = sum(sizes)
     if workspace is None or workspace.numel() < need:
         workspace = torch.empty(need, device=x.device)
     parts = workspace.view(-1)[:need].split(sizes)
