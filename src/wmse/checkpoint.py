@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .fileio import save_atomic
 
-def save_atomic(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+__all__ = ["save_atomic", "load_checkpoint", "resolve_checkpoint", "rng_state", "set_rng_state", "rank_rng_state"]
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -15,11 +15,16 @@ is refactorised with a diagonal jitter that grows until it succeeds. See :func:`
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-METHODS = ("cholesky", "zca", "newton_schulz")
+from .registry import Registry
+
+__all__ = ["WHITENINGS", "WhiteningOp", "whiten", "Whitening", "fallback_count", "covariance", "shrink",
+           "robust_cholesky", "factor_dtype", "inverse_factor", "zca_matrix", "newton_schulz_matrix"]
 
 # Jitter added to a failed slice's covariance, as a multiple of its mean variance (plus a tiny absolute
 # floor for an all-zero covariance). The first level is far above float32 rounding of a D x D covariance
@@ -31,7 +36,8 @@ _fallbacks: dict[str, Tensor | int] = {}
 _warned = False
 
 
-def _factor_dtype(x: Tensor) -> torch.dtype:
+def factor_dtype(x: Tensor) -> torch.dtype:
+    """float64 for float64 input, else float32: the precision of covariances and losses, also under autocast."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -200,13 +206,34 @@ def newton_schulz_matrix(cov: Tensor, iters: int = 15) -> Tensor:
     return Z * norm.rsqrt()
 
 
+@dataclass(frozen=True)
+class WhiteningOp:
+    """A whitening operator.
+
+    ``matrix(cov, ns_iters)``: W (..., D, D) with z = (v - mu) @ W for covariances (..., D, D).
+    ``whiten(xf, eps, ns_iters)``: optional direct path for centred-or-not slices (..., w, D) in the
+    factor dtype, for an operator with a faster route than ``xc @ matrix(cov)`` (Cholesky's backward).
+    """
+
+    matrix: Callable[[Tensor, int], Tensor]
+    whiten: Callable[[Tensor, float, int], Tensor] | None = None
+
+
+WHITENINGS: Registry[WhiteningOp] = Registry("whitening")
+WHITENINGS.add("cholesky", WhiteningOp(matrix=lambda cov, iters: inverse_factor(cov).mT,
+                                       whiten=lambda xf, eps, iters: _whiten_cholesky(xf, eps)))
+WHITENINGS.add("zca", WhiteningOp(matrix=lambda cov, iters: zca_matrix(cov)))
+WHITENINGS.add("newton_schulz", WhiteningOp(matrix=newton_schulz_matrix))
+
+
 def whiten(x: Tensor, method: str = "cholesky", eps: float = 0.0, ns_iters: int = 15) -> Tensor:
     """Whiten every slice of ``x`` independently.
 
     Args:
         x: (..., w, D). Each leading index is one slice of w samples with D features.
-        method: "cholesky" (the paper: z = L^{-1}(v - mu) with C = L L^T), "zca" (z = C^{-1/2}(v - mu))
-            or "newton_schulz" (ZCA approximated by ``ns_iters`` coupled Newton-Schulz iterations).
+        method: a name of :data:`WHITENINGS`: "cholesky" (the paper: z = L^{-1}(v - mu) with C = L L^T),
+            "zca" (z = C^{-1/2}(v - mu)) or "newton_schulz" (ZCA approximated by ``ns_iters`` coupled
+            Newton-Schulz iterations).
         eps: shrinkage, C' = (1 - eps) C + eps I (the official ``w_eps``).
         ns_iters: iterations for "newton_schulz".
 
@@ -214,28 +241,14 @@ def whiten(x: Tensor, method: str = "cholesky", eps: float = 0.0, ns_iters: int 
         (..., w, D) with zero mean and identity covariance per slice, in x's dtype.
     """
     _check_input(x)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    op = WHITENINGS[method]
     with torch.autocast(x.device.type, enabled=False):
-        xf = x.to(_factor_dtype(x))
-        if method == "cholesky":
-            return _whiten_cholesky(xf, eps).to(x.dtype)
+        xf = x.to(factor_dtype(x))
+        if op.whiten is not None:
+            return op.whiten(xf, eps, ns_iters).to(x.dtype)
         xc = xf - xf.mean(-2, keepdim=True)
-        cov = shrink(covariance(xc), eps)
-        if method == "zca":
-            z = xc @ zca_matrix(cov)
-        else:
-            z = xc @ newton_schulz_matrix(cov, ns_iters)
+        z = xc @ op.matrix(shrink(covariance(xc), eps), ns_iters)
     return z.to(x.dtype)
-
-
-def _whitening_matrix(cov: Tensor, method: str, ns_iters: int) -> Tensor:
-    """W with z = (v - mu) @ W for a single covariance (D, D)."""
-    if method == "cholesky":
-        return inverse_factor(cov).mT
-    if method == "zca":
-        return zca_matrix(cov)
-    return newton_schulz_matrix(cov, ns_iters)
 
 
 class Whitening(nn.Module):
@@ -256,8 +269,7 @@ class Whitening(nn.Module):
         ns_iters: int = 15,
     ) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        WHITENINGS.check(method)
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"momentum must be in (0, 1], got {momentum}")
         self.num_features = num_features
@@ -277,8 +289,8 @@ class Whitening(nn.Module):
                 self._update_running_stats(x)
             return whiten(x, self.method, self.eps, self.ns_iters)
         with torch.autocast(x.device.type, enabled=False):
-            cov = shrink(self.running_cov.to(_factor_dtype(x)), self.eps)
-            W = _whitening_matrix(cov, self.method, self.ns_iters)
+            cov = shrink(self.running_cov.to(factor_dtype(x)), self.eps)
+            W = WHITENINGS[self.method].matrix(cov, self.ns_iters)
             z = (x.to(cov.dtype) - self.running_mean.to(cov.dtype)) @ W
         return z.to(x.dtype)
 
@@ -286,7 +298,7 @@ class Whitening(nn.Module):
     def _update_running_stats(self, x: Tensor) -> None:
         _check_input(x)
         with torch.autocast(x.device.type, enabled=False):
-            xf = x.detach().to(_factor_dtype(x)).reshape(-1, *x.shape[-2:])
+            xf = x.detach().to(factor_dtype(x)).reshape(-1, *x.shape[-2:])
             mean = xf.mean(-2, keepdim=True)
             cov = covariance(xf - mean).mean(0)
             m = self.momentum

@@ -1,23 +1,19 @@
-"""Losses: W-MSE (whitening + MSE of normalised views), NT-Xent (contrastive) and the BYOL pair loss.
-
-Pure functions plus thin nn.Module wrappers; nothing here knows about models or data.
-"""
+"""The W-MSE loss (Ermolov et al., ICML 2021): whiten each view's embeddings in slices, then the mean
+squared distance of the normalised whitened views of one image."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .whitening import METHODS, whiten
+from ..whitening import WHITENINGS, whiten
 
-# Logit given to a sample's similarity with itself in NT-Xent, so softmax ignores it (official value).
-_SELF_MASK = 1e9
+__all__ = ["wmse_loss", "WMSELoss", "pair_mse", "as_views"]
 
 
-def _as_views(views: Sequence[Tensor] | Tensor) -> Tensor:
+def as_views(views: Sequence[Tensor] | Tensor) -> Tensor:
     """Validate and stack views into one (d, N, D) tensor (a view, not a copy, when given a tensor)."""
     if isinstance(views, Tensor):
         if views.dim() != 3:
@@ -147,7 +143,7 @@ def wmse_loss(
         Scalar loss (float32, or float64 for float64 input): mean over w_iter and view pairs of
         mean_images ||z_i/|z_i| - z_j/|z_j|||^2, gradients through both views and the whitening.
     """
-    h = _as_views(views)
+    h = as_views(views)
     d, N, D = h.shape
     _check_slicing(N, D, w_size, w_iter)  # whiten() checks the method
     with torch.autocast(h.device.type, enabled=False):
@@ -169,8 +165,7 @@ class WMSELoss(nn.Module):
         ns_iters: int = 15,
     ) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        WHITENINGS.check(method)
         if w_iter < 1:
             raise ValueError(f"w_iter must be >= 1, got {w_iter}")
         self.w_size, self.w_iter, self.eps = w_size, w_iter, eps
@@ -183,52 +178,3 @@ class WMSELoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"w_size={self.w_size}, w_iter={self.w_iter}, eps={self.eps}, method={self.method!r}"
-
-
-def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.5, normalize: bool = True,
-                 anchors: slice | None = None) -> Tensor:
-    """NT-Xent (SimCLR) loss of two views, as the official W-MSE code's contrastive baseline.
-
-    z1, z2: (N, D) head outputs of the same N images. For each sample the positive is the other view of
-    its image; the 2N - 2 other samples of the batch are negatives. Symmetric in z1 and z2.
-
-    ``anchors``: a slice of the N images; the loss is then the mean over those images' anchors only
-    (still against all 2N samples), so the means over disjoint equal slices average to the full loss.
-    Distributed training uses it to give each rank its own rows of the global logits matrix instead
-    of all of it.
-    """
-    if z1.dim() != 2 or z1.shape != z2.shape:
-        raise ValueError(f"z1 and z2 must be (N, D) tensors of the same shape, got {tuple(z1.shape)}, {tuple(z2.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    rows = range(z1.shape[0])[anchors if anchors is not None else slice(None)]
-    if len(rows) == 0 or rows.step != 1:
-        raise ValueError(f"anchors must be a non-empty contiguous slice of the {z1.shape[0]} rows, got {anchors}")
-    with torch.autocast(z1.device.type, enabled=False):
-        a, b = z1.float(), z2.float()
-        if normalize:
-            a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
-        sel = slice(rows.start, rows.stop)
-        target = torch.arange(rows.start, rows.stop, device=a.device)
-        # Each anchor's own column is masked out of its same-view logits.
-        self_mask = torch.zeros(len(rows), a.shape[0], device=a.device)
-        self_mask[torch.arange(len(rows), device=a.device), target] = _SELF_MASK
-        logits_ab, logits_ba = a[sel] @ b.T / temperature, b[sel] @ a.T / temperature
-        logits_aa = a[sel] @ a.T / temperature - self_mask
-        logits_bb = b[sel] @ b.T / temperature - self_mask
-        loss_a = F.cross_entropy(torch.cat([logits_ab, logits_aa], dim=1), target)
-        loss_b = F.cross_entropy(torch.cat([logits_ba, logits_bb], dim=1), target)
-        return (loss_a + loss_b) / 2
-
-
-def byol_loss(p: Tensor, z: Tensor) -> Tensor:
-    """BYOL pair loss: mean over rows of ||p/|p| - z/|z|||^2 = 2 - 2 cos(p, z).
-
-    p: (N, D) online predictions; z: (N, D) target projections (detach them: BYOL stops their gradient).
-    The symmetric BYOL loss is byol_loss(p1, z2) + byol_loss(p2, z1).
-    """
-    if p.dim() != 2 or p.shape != z.shape:
-        raise ValueError(f"p and z must be (N, D) tensors of the same shape, got {tuple(p.shape)}, {tuple(z.shape)}")
-    with torch.autocast(p.device.type, enabled=False):
-        cos = (F.normalize(p.float(), dim=1) * F.normalize(z.float(), dim=1)).sum(-1)
-        return 2 - 2 * cos.mean()
