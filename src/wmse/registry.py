@@ -48,10 +48,15 @@ class Registry(Generic[T]):
         self._items.pop(name, None)
 
     def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
+    def get(self, name: str, arg: str | None = None) -> T:
+        """The object registered as ``name``; else ValueError naming the choices (and the argument ``arg``)."""
         try:
             return self._items[name]
-        except KeyError:
-            raise ValueError(f"unknown {self.kind} {name!r}; choose one of {', '.join(self._items)}") from None
+        except (KeyError, TypeError):
+            where = f"{arg}: " if arg else ""
+            raise ValueError(f"{where}unknown {self.kind} {name!r}; choose one of {', '.join(self._items)}") from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
@@ -68,6 +73,6 @@ class Registry(Generic[T]):
     def items(self):
         return self._items.items()
 
-    def check(self, name: str) -> None:
+    def check(self, name: str, arg: str | None = None) -> None:
         """ValueError naming the choices when ``name`` is not registered."""
-        self[name]
+        self.get(name, arg)

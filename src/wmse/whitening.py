@@ -241,7 +241,7 @@ def whiten(x: Tensor, method: str = "cholesky", eps: float = 0.0, ns_iters: int 
         (..., w, D) with zero mean and identity covariance per slice, in x's dtype.
     """
     _check_input(x)
-    op = WHITENINGS[method]
+    op = WHITENINGS.get(method, "method")
     with torch.autocast(x.device.type, enabled=False):
         xf = x.to(factor_dtype(x))
         if op.whiten is not None:
@@ -269,7 +269,7 @@ class Whitening(nn.Module):
         ns_iters: int = 15,
     ) -> None:
         super().__init__()
-        WHITENINGS.check(method)
+        WHITENINGS.check(method, "method")
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"momentum must be in (0, 1], got {momentum}")
         self.num_features = num_features

@@ -165,7 +165,7 @@ class WMSELoss(nn.Module):
         ns_iters: int = 15,
     ) -> None:
         super().__init__()
-        WHITENINGS.check(method)
+        WHITENINGS.check(method, "method")
         if w_iter < 1:
             raise ValueError(f"w_iter must be >= 1, got {w_iter}")
         self.w_size, self.w_iter, self.eps = w_size, w_iter, eps
