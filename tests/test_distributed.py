@@ -21,7 +21,8 @@ from torch import nn
 
 from wmse import distributed
 from wmse.checkpoint import load_checkpoint
-from wmse.distributed import Runtime, check_batch, slice_generator
+from wmse.distributed import Runtime, check_batch
+from wmse.methods import step_generator as slice_generator
 from wmse.launch import strip_nproc, torchrun_command
 from wmse.losses import nt_xent_loss, wmse_loss
 from wmse.methods import BYOL, WMSE, Contrastive
@@ -42,12 +43,12 @@ def _nets() -> tuple[nn.Module, nn.Module]:
     return backbone, head
 
 
-def make_method(kind: str) -> nn.Module:
+def make_method(kind: str, whiten_global: bool = False) -> nn.Module:
     """Identical float64 weights on every rank (seeded), no BatchNorm."""
     torch.manual_seed(0)
     backbone, head = _nets()
     if kind == "wmse":
-        m = WMSE(backbone, head, n_views=D_VIEWS, w_size=W_SIZE, w_iter=2)
+        m = WMSE(backbone, head, n_views=D_VIEWS, w_size=W_SIZE, w_iter=2, whiten_global=whiten_global)
     elif kind == "contrastive":
         m = Contrastive(backbone, head, temperature=0.5)
     else:
@@ -79,7 +80,7 @@ def _loss_worker(rank: int, port: int, out_dir: str) -> None:
     results = {}
     for case, (kind, whiten_global) in {"wmse_global": ("wmse", True), "wmse_local": ("wmse", False),
                                          "contrastive": ("contrastive", False), "byol": ("byol", False)}.items():
-        method = make_method(kind)
+        method = make_method(kind, whiten_global)
         module = distributed.wrap(method, cfg_for(kind, whiten_global), rt)
         steps = []
         for step in range(2):
@@ -216,10 +217,12 @@ def test_launch_command_line():
 
 
 def test_launch_rejects_a_batch_that_does_not_split(tmp_path):
+    from wmse.config import apply_overrides, get_preset
     from wmse.launch import launch
 
+    cfg = apply_overrides(get_preset("cifar10-wmse2"), {"batch_size": "384", "w_size": "128"})
     with pytest.raises(ValueError, match="w_size"):
-        launch(2, ["pretrain", "--preset", "cifar10-wmse2", "--batch_size", "384", "--w_size", "128"])
+        launch(2, ["pretrain", "--preset", "cifar10-wmse2", "--batch_size", "384", "--w_size", "128"], cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -49,10 +49,10 @@ def cmd_pretrain(args, extra: list[str]) -> int:
     else:
         cfg = get_preset(args.preset or "quick")
     cfg = apply_overrides(cfg, overrides)
-    if args.nproc and args.nproc > 1:
+    if args.nproc is not None and args.nproc != 1:
         from .launch import launch
 
-        return launch(args.nproc, args.argv)
+        return launch(args.nproc, args.argv, cfg)
     pretrain(cfg, resume=args.resume)
     return 0
 

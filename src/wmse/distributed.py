@@ -4,11 +4,14 @@ A single process (no torchrun, ``WORLD_SIZE`` unset or 1) is a :class:`Runtime` 
 helper here is then a no-op. Under torchrun each rank takes a contiguous part of every global batch
 (``BatchLoader(rank=, world_size=)``), and :func:`wrap` returns a DDP module whose ``forward(views)`` is the loss:
 
+each method decides in ``Method.distributed_loss`` what it gathers with the differentiable all-gather of
+this module (:func:`gather_cat`), and nothing here knows any method:
+
 - W-MSE, default: each rank whitens slices of its own ``batch_size / world_size`` images; DDP averages the
   gradients, i.e. the gradient of the mean of the per-rank losses.
-- W-MSE, ``whiten_global``: embeddings of all ranks are gathered with a differentiable all-gather, every rank
-  computes the single-process loss of the global batch (slices from one permutation shared by all ranks), and
-  the gradient equals the single-process gradient on the concatenated batch (see :class:`_GatherCat`).
+- W-MSE, ``whiten_global``: embeddings of all ranks are gathered, every rank computes the single-process loss
+  of the global batch (slices from one permutation shared by all ranks), and the gradient equals the
+  single-process gradient on the concatenated batch (see :class:`_GatherCat`).
 - Contrastive: the same gather, so negatives come from the whole global batch.
 - BYOL: its loss is a mean over images, so DDP's gradient average already is the global-batch gradient.
 
@@ -36,12 +39,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .losses import nt_xent_loss
-from .methods import BYOL, WMSE, Contrastive, Method
+from .device import resolve_device
+from .methods import METHODS, Method, ProcessContext
 
 __all__ = [
-    "Runtime", "setup", "wrap", "cleanup", "check_batch", "DistributedLoss", "gather_cat", "slice_generator",
-    "agree", "broadcast_object", "gather_objects", "barrier", "set_step",
+    "Runtime", "setup", "wrap", "cleanup", "check_batch", "DistributedLoss", "gather_cat", "agree", "broadcast_object", "gather_objects", "barrier", "set_step",
 ]
 
 # Generous: rank 0 evaluates (kNN, diagnostics) while the other ranks wait in their next collective.
@@ -79,22 +81,10 @@ def check_batch(cfg, world_size: int) -> None:
     if local < 2:
         raise ValueError(f"batch_size ({cfg.batch_size}) / nproc ({world_size}) = {local} image per process; "
                          "BatchNorm needs at least 2: raise batch_size or lower nproc")
-    if cfg.method == "wmse" and not cfg.whiten_global and local % cfg.w_size:
-        raise ValueError(
-            f"per-process batch batch_size/nproc = {cfg.batch_size}/{world_size} = {local} is not a multiple of "
-            f"w_size ({cfg.w_size}): each process whitens its own slices. Use batch_size = nproc * k * w_size "
-            f"(e.g. {world_size * cfg.w_size}), a smaller w_size, or --whiten_global true to whiten the gathered "
-            "global batch"
-        )
-    if cfg.sync_bn and torch.device(_device_name(cfg)).type != "cuda":
+    METHODS.get(cfg.method, "method").check_processes(cfg, world_size)
+    if cfg.sync_bn and resolve_device(cfg.device).type != "cuda":
         raise ValueError("sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); "
                          "drop --sync_bn or run with --device cuda")
-
-
-def _device_name(cfg) -> str:
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
 
 
 def setup(cfg) -> Runtime:
@@ -102,8 +92,6 @@ def setup(cfg) -> Runtime:
 
     Under torchrun a CUDA run uses ``cuda:LOCAL_RANK`` (one GPU per process).
     """
-    from .train import resolve_device
-
     device = resolve_device(cfg.device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
@@ -118,16 +106,6 @@ def setup(cfg) -> Runtime:
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, timeout=_TIMEOUT, **kwargs)
     return Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank)
-
-
-def slice_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
-    """CPU generator of W-MSE's slice permutations at ``step``: a function of (seed, step, rank) only.
-
-    ``whiten_global`` passes rank 0 on every rank so all ranks draw the same permutation of the global batch;
-    the per-rank mode passes the real rank. Independent of the global RNG, which rank 0's evaluation consumes.
-    """
-    mixed = (int(seed) * 1_000_003 + int(step) * 7_919 + int(rank) * 104_729) % (2**63 - 1)
-    return torch.Generator().manual_seed(mixed)
 
 
 class _GatherCat(torch.autograd.Function):
@@ -165,50 +143,33 @@ def gather_cat(x: Tensor, dim: int = 0) -> Tensor:
 
 
 class DistributedLoss(nn.Module):
-    """The module DDP wraps: ``forward(views) -> loss`` with the cross-rank variant of ``method``'s loss.
+    """The module DDP wraps: ``forward(views) -> method.distributed_loss(views, ctx)``.
 
     Args:
         method: a :class:`~wmse.methods.Method` (its parameters are this module's, so DDP's hooks see them).
-        whiten_global: W-MSE only; whiten slices of the gathered global batch instead of per-rank slices.
-        seed: base seed of the slice permutations (see :func:`slice_generator`).
-        rank: this process's rank.
+        seed: base seed of the method's per-step random draws (see :func:`wmse.methods.step_generator`).
+        rank, world_size: this process's place.
 
-    ``step`` counts forward calls; the training loop sets it on resume (:func:`set_step`) so the slices after
-    a restart are the ones an uninterrupted run would have drawn.
+    ``step`` counts forward calls; the training loop sets it on resume (:func:`set_step`) so the draws after
+    a restart are the ones an uninterrupted run would have made.
     """
 
-    def __init__(self, method: Method, whiten_global: bool = False, seed: int = 0, rank: int = 0) -> None:
+    def __init__(self, method: Method, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         super().__init__()
         self.method = method
-        self.whiten_global, self.seed, self.rank = whiten_global, seed, rank
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         self.step = 0
 
     def forward(self, views: Sequence[Tensor]) -> Tensor:
         """views: d tensors (n, C, S, S), this rank's n = N / W images -> scalar loss."""
-        step, self.step = self.step, self.step + 1
-        m = self.method
-        if isinstance(m, WMSE):
-            emb = torch.stack(m.embed(views))  # (d, n, D)
-            if self.whiten_global:
-                return m.loss_from_embeddings(gather_cat(emb, dim=1), generator=slice_generator(self.seed, step))
-            return m.loss_from_embeddings(emb, generator=slice_generator(self.seed, step, self.rank))
-        if isinstance(m, Contrastive):
-            local = torch.stack(m.embed(views))  # (d, n, D)
-            z = gather_cat(local, dim=1)  # (d, N, D): negatives from every rank
-            # This rank's anchors only: its n rows of the N x 2N logits (the mean over ranks is the
-            # global loss, and the gather's backward brings every rank's share of the gradient).
-            n = local.shape[1]
-            mine = slice(self.rank * n, (self.rank + 1) * n) if z.shape[1] != n else None
-            pairs = [(i, j) for i in range(len(z)) for j in range(i + 1, len(z))]
-            total = sum(nt_xent_loss(z[i], z[j], m.temperature, m.normalize, anchors=mine) for i, j in pairs)
-            return total / len(pairs)
-        return m.loss(views)  # BYOL and others: a mean over images, DDP's gradient average is exact
+        ctx = ProcessContext(self.rank, self.world_size, self.step, self.seed, gather_cat)
+        self.step += 1
+        return self.method.distributed_loss(views, ctx)
 
 
 def _convert_sync_bn(method: Method) -> None:
-    """BatchNorm -> SyncBatchNorm in the projection head (and BYOL's predictor and target head), in place."""
-    names = ["head"] + (["predictor", "target_head"] if isinstance(method, BYOL) else [])
-    for name in names:
+    """BatchNorm -> SyncBatchNorm in the submodules the method names (``sync_bn_modules``), in place."""
+    for name in method.sync_bn_modules:
         setattr(method, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(method, name)))
 
 
@@ -222,7 +183,7 @@ def wrap(method: nn.Module, cfg, rt: Runtime) -> Callable:
     check_batch(cfg, rt.world_size)
     if cfg.sync_bn:
         _convert_sync_bn(method)
-    module = DistributedLoss(method, cfg.whiten_global, cfg.seed, rt.rank)
+    module = DistributedLoss(method, cfg.seed, rt.rank, rt.world_size)
     device_ids = [rt.device.index] if rt.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 

@@ -10,6 +10,9 @@ import os
 import subprocess
 import sys
 
+from .config import Config
+from .distributed import check_batch
+
 __all__ = ["launch", "torchrun_command", "strip_nproc"]
 
 
@@ -33,34 +36,20 @@ def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
             "-m", "wmse", *strip_nproc(argv)]
 
 
-def _check(nproc: int, argv: list[str]) -> None:
-    """Fail here, once, for a config that cannot be split over ``nproc`` processes (not once per process)."""
-    from .checkpoint import load_checkpoint
-    from .cli import build_parser, parse_overrides
-    from .config import Config, apply_overrides, get_preset
-    from .distributed import check_batch
-
-    args, extra = build_parser().parse_known_args(argv)
-    if getattr(args, "command", None) != "pretrain":
-        raise ValueError("--nproc only applies to `wmse pretrain`")
-    cfg = Config.from_dict(load_checkpoint(args.resume)["config"]) if args.resume else get_preset(
-        args.preset or "quick")
-    check_batch(apply_overrides(cfg, parse_overrides(extra)), nproc)
-
-
-def launch(nproc: int, argv: list[str]) -> int:
+def launch(nproc: int, argv: list[str], cfg: Config) -> int:
     """Run ``wmse <argv>`` in ``nproc`` processes under torchrun and return its exit status.
 
     Args:
         nproc: processes on this machine (one per GPU on CUDA; on CPU each takes ``--threads`` cores).
         argv: the command line after ``wmse`` (``pretrain ... --nproc K``); ``--nproc`` is dropped.
+        cfg: the config that command line gives (checked here once, not once per process).
 
     Raises:
         ValueError: ``nproc`` < 1, or the batch cannot be split over ``nproc`` processes.
     """
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
-    _check(nproc, argv)
+    check_batch(cfg, nproc)
     env = dict(os.environ)
     # torchrun would set 1 thread per process with a warning; say it here, --threads overrides it in the loop
     env.setdefault("OMP_NUM_THREADS", "1")

@@ -1,7 +1,7 @@
 """Encoders (backbones) and projection heads.
 
 The ResNet backbones are plain torchvision ResNets whose stem is adapted to the image size
-(DESIGN §1) and whose ``fc`` is an ``nn.Identity``, so a backbone's ``state_dict`` loads
+(as the paper's official code) and whose ``fc`` is an ``nn.Identity``, so a backbone's ``state_dict`` loads
 unchanged into ``torchvision_resnet(arch, image_size, in_channels)``:
 
 ================  ==========================================  =================================
@@ -17,14 +17,18 @@ image size        conv1                                       maxpool
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torchvision import models as tv_models
 
+from .registry import Registry
+
 __all__ = [
     "ARCHS",
+    "Arch",
     "RESNET_OUT_DIM",
     "SmallConvNet",
     "ProjectionHead",
@@ -40,7 +44,6 @@ _RESNET_FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "resnet34": tv_models.resnet34,
     "resnet50": tv_models.resnet50,
 }
-ARCHS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "small")
 
 # Image-size limits of the stems (inclusive upper bounds).
 CIFAR_STEM_MAX = 32
@@ -140,21 +143,47 @@ class SmallConvNet(nn.Module):
         return torch.flatten(self.pool(self.features(x)), 1)
 
 
+@dataclass(frozen=True)
+class Arch:
+    """An encoder architecture: ``build(image_size, in_channels)`` -> module (B, C, H, W) -> (B, out_dim).
+
+    ``resnet``: the module is a plain torchvision ResNet (exported weights load into
+    :func:`torchvision_resnet`).
+    """
+
+    build: Callable[[int, int], nn.Module]
+    out_dim: int
+    resnet: bool = False
+
+
+def _resnet(arch: str) -> Callable[[int, int], nn.Module]:
+    def build(image_size: int, in_channels: int) -> nn.Module:
+        model = torchvision_resnet(arch, image_size, in_channels)
+        model.out_dim = RESNET_OUT_DIM[arch]
+        return model
+
+    return build
+
+
+def _small(image_size: int, in_channels: int) -> nn.Module:
+    stem_kind(image_size)  # validates image_size
+    return SmallConvNet(in_channels)
+
+
+ARCHS: Registry[Arch] = Registry("arch")
+for _name in _RESNET_FACTORIES:
+    ARCHS.add(_name, Arch(_resnet(_name), RESNET_OUT_DIM[_name], resnet=True))
+ARCHS.add("small", Arch(_small, 256))
+
+
 def build_backbone(arch: str, image_size: int, in_channels: int = 3) -> nn.Module:
-    """The encoder E: (B, in_channels, H, W) float -> (B, out_dim).
+    """The encoder E of a name of :data:`ARCHS`: (B, in_channels, H, W) float -> (B, out_dim).
 
     For ResNets the returned module *is* ``torchvision_resnet(arch, image_size, in_channels)``
     (same class, same state_dict keys) with an extra ``out_dim`` attribute (512 for
     resnet18/34, 2048 for resnet50). ``"small"`` gives a :class:`SmallConvNet` (out_dim 256).
     """
-    if arch == "small":
-        stem_kind(image_size)  # validates image_size
-        return SmallConvNet(in_channels)
-    if arch not in RESNET_OUT_DIM:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {list(ARCHS)}")
-    model = torchvision_resnet(arch, image_size, in_channels)
-    model.out_dim = RESNET_OUT_DIM[arch]
-    return model
+    return ARCHS[arch].build(image_size, in_channels)
 
 
 class ProjectionHead(nn.Sequential):

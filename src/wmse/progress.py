@@ -33,6 +33,7 @@ class Progress:
         self.last_print = 0.0
         self.t0 = time.perf_counter()
         self.first_step: int | None = None
+        self.closed = False
 
     def update(self, step: int, epoch: int, epochs: int, loss: float, lr: float, img_per_s: float, force: bool = False) -> None:
         now = time.perf_counter()
@@ -53,9 +54,11 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
-        if self.tty:
+        """End the redrawn line (once; closing again does nothing)."""
+        if self.tty and not self.closed:
             self.stream.write("\n")
             self.stream.flush()
+        self.closed = True
 
 
 class MetricsLog:

@@ -20,7 +20,9 @@ from .config import Config
 from .data import load
 from .evaluate import evaluate_features, format_table
 from .methods import Method, build_method
-from .train import encode, load_data, make_eval_transform, normalization_stats, resolve_device
+from .device import resolve_device
+from .run_data import load_run_data, normalization_stats
+from .run_eval import encode, make_eval_transform
 
 
 @dataclass
@@ -82,7 +84,7 @@ def evaluate_run(
     dev = resolve_device(device)
     run = load_run(run_or_checkpoint, dev)
     cfg = run.cfg.replace(**{k: v for k, v in (("dataset", dataset), ("data_dir", data_dir)) if v is not None})
-    data = load_data(cfg, log)
+    data = load_run_data(cfg, log)
     if data.eval_test_images is None:
         raise ValueError(f"dataset {cfg.dataset!r} has no labels here, so there is nothing to evaluate against")
     log(data.note)
@@ -126,12 +128,12 @@ def load_exported_backbone(path: str | Path) -> nn.Module:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from .models import build_backbone, torchvision_resnet
+    from .models import ARCHS, build_backbone, torchvision_resnet
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     arch, size, chans = meta.get("arch"), int(meta.get("image_size", 0)), int(meta.get("in_channels", 3))
-    model = torchvision_resnet(arch, size, chans) if arch and arch.startswith("resnet") else build_backbone(arch, size, chans)
+    model = torchvision_resnet(arch, size, chans) if ARCHS[arch].resnet else build_backbone(arch, size, chans)
     model.load_state_dict(load_file(str(path)), strict=True)
     return model.eval()
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+SCHEDULES = ("step", "cosine")
+
 
 def default_drop_epochs(epochs: int) -> tuple[int, ...]:
     """The official drops at epochs E-50 and E-25 (clipped at 0 for short runs)."""
@@ -29,7 +31,7 @@ def lr_factor(
     "step": x drop_factor at each epoch in ``drop_epochs`` (default E-50, E-25) that has been reached.
     "cosine": 0.5 (1 + cos(pi * step / total_steps)) over the whole run.
     """
-    if schedule not in ("step", "cosine"):
+    if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be 'step' or 'cosine', got {schedule!r}")
     if step < warmup_iters:
         return (step + 1) / warmup_iters

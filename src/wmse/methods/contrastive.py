@@ -1,0 +1,66 @@
+"""The contrastive baseline of the W-MSE paper: SimCLR's NT-Xent over every pair of views."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from ..losses import nt_xent_loss
+from .base import METHODS, Method, ProcessContext, check_views, view_pairs
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+__all__ = ["Contrastive"]
+
+
+@METHODS.register("contrastive")
+class Contrastive(Method):
+    """SimCLR NT-Xent over every pair of views, averaged over pairs.
+
+    As in the official baseline the head ends with ``BatchNorm1d(emb)`` (``ProjectionHead(bn_last=True)``).
+    """
+
+    @dataclass(frozen=True)
+    class Options:
+        temperature: float = 0.5  # NT-Xent temperature (official --tau)
+
+    def __init__(
+        self, backbone: nn.Module, head: nn.Module, temperature: float = 0.5, normalize: bool = True
+    ) -> None:
+        super().__init__(backbone, head)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature, self.normalize = temperature, normalize
+
+    @classmethod
+    def from_config(cls, cfg: Config, backbone: nn.Module) -> Contrastive:
+        return cls(backbone, cls.default_head(cfg, backbone, bn_last=True), cfg.temperature, cfg.normalize)
+
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        if cfg.temperature <= 0:
+            raise ValueError(f"field 'temperature' must be > 0, got {cfg.temperature}")
+
+    def _pair_loss(self, z: Sequence[Tensor], anchors: slice | None = None) -> Tensor:
+        pairs = view_pairs(len(z))
+        total = sum(nt_xent_loss(z[i], z[j], self.temperature, self.normalize, anchors=anchors) for i, j in pairs)
+        return total / len(pairs)
+
+    def loss(self, views: Sequence[Tensor]) -> Tensor:
+        check_views(views)
+        return self._pair_loss(self.embed(views))
+
+    def distributed_loss(self, views: Sequence[Tensor], ctx: ProcessContext) -> Tensor:
+        """Negatives from every process: the embeddings are gathered, and this process computes only its own
+        images' rows of the N x 2N logits (the mean over processes is the global loss)."""
+        check_views(views)
+        local = torch.stack(self.embed(views))  # (d, n, D)
+        z = ctx.gather(local, 1)  # (d, N, D)
+        n = local.shape[1]
+        mine = slice(ctx.rank * n, (ctx.rank + 1) * n) if z.shape[1] != n else None
+        return self._pair_loss(z, anchors=mine)

@@ -1,0 +1,121 @@
+"""W-MSE (Ermolov et al., ICML 2021): whiten each view's embeddings in slices of ``w_size`` images, then
+the MSE of the normalised whitened views of one image."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from ..checks import check_choice, check_min
+from ..losses import wmse_loss
+from ..whitening import WHITENINGS
+from .base import METHODS, Method, ProcessContext, check_views
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+__all__ = ["WMSE"]
+
+
+@METHODS.register("wmse")
+class WMSE(Method):
+    """W-MSE: whiten each view's embeddings in slices of ``w_size`` images, then MSE between views.
+
+    ``n_views`` is d (2 or 4); the batch size N must be a multiple of ``w_size`` and ``w_size`` must
+    exceed the embedding size (``w_size >= 2 * emb`` recommended).
+    """
+
+    @dataclass(frozen=True)
+    class Options:
+        w_size: int = 128  # images per whitening slice
+        w_iter: int = 1  # repetitions of random slicing per step
+        w_eps: float = 0.0  # covariance shrinkage towards identity
+        whitening: str = "cholesky"  # a name of wmse.whitening.WHITENINGS: cholesky (paper) | zca | newton_schulz
+        whiten_global: bool = False  # DDP: whiten the gathered global batch instead of per-process slices
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        n_views: int = 2,
+        w_size: int = 128,
+        w_iter: int = 1,
+        eps: float = 0.0,
+        normalize: bool = True,
+        whitening: str = "cholesky",
+        whiten_global: bool = False,
+    ) -> None:
+        super().__init__(backbone, head)
+        if n_views < 2:
+            raise ValueError(f"n_views must be >= 2 (W-MSE compares views of one image), got {n_views}")
+        if w_iter < 1:
+            raise ValueError(f"w_iter must be >= 1, got {w_iter}")
+        self.n_views, self.w_size, self.w_iter = n_views, w_size, w_iter
+        self.eps, self.normalize, self.whitening = eps, normalize, whitening
+        self.whiten_global = whiten_global
+
+    @classmethod
+    def from_config(cls, cfg: Config, backbone: nn.Module) -> WMSE:
+        return cls(backbone, cls.default_head(cfg, backbone), cfg.n_views, cfg.w_size, cfg.w_iter, cfg.w_eps,
+                   cfg.normalize, cfg.whitening, cfg.whiten_global)
+
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        check_choice("whitening", cfg.whitening, WHITENINGS.names())
+        if cfg.w_size > cfg.batch_size:
+            raise ValueError(
+                f"w_size ({cfg.w_size}) is larger than batch_size ({cfg.batch_size}); "
+                "use w_size <= batch_size (a whitening slice takes w_size images of one batch)"
+            )
+        if cfg.batch_size % cfg.w_size != 0:
+            raise ValueError(
+                f"batch_size ({cfg.batch_size}) must be a multiple of w_size ({cfg.w_size}); "
+                f"e.g. batch_size={max(1, cfg.batch_size // cfg.w_size) * cfg.w_size}"
+            )
+        if cfg.w_size <= cfg.emb:
+            raise ValueError(
+                f"w_size ({cfg.w_size}) must be larger than emb ({cfg.emb}) or the covariance is singular; "
+                f"w_size >= 2*emb ({2 * cfg.emb}) is recommended"
+            )
+        check_min("w_iter", cfg.w_iter, 1)
+        if not 0.0 <= cfg.w_eps < 1.0:
+            raise ValueError(f"field 'w_eps' must be in [0, 1), got {cfg.w_eps}")
+
+    @classmethod
+    def check_processes(cls, cfg: Config, world_size: int) -> None:
+        local = cfg.batch_size // world_size
+        if not cfg.whiten_global and local % cfg.w_size:
+            raise ValueError(
+                f"per-process batch batch_size/nproc = {cfg.batch_size}/{world_size} = {local} is not a multiple "
+                f"of w_size ({cfg.w_size}): each process whitens its own slices. Use batch_size = nproc * k * "
+                f"w_size (e.g. {world_size * cfg.w_size}), a smaller w_size, or --whiten_global true to whiten "
+                "the gathered global batch"
+            )
+
+    def loss_from_embeddings(
+        self, emb: Sequence[Tensor] | Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """W-MSE loss of d embeddings (N, emb) of the same N images, or one (d, N, emb) tensor.
+
+        ``generator`` draws the slice permutations (None: the global RNG).
+        """
+        views = emb if isinstance(emb, Tensor) else list(emb)
+        return wmse_loss(views, self.w_size, self.w_iter, self.eps, self.normalize, self.whitening, generator)
+
+    def loss(self, views: Sequence[Tensor]) -> Tensor:
+        check_views(views, self.n_views)
+        return self.loss_from_embeddings(self.embed(views))
+
+    def distributed_loss(self, views: Sequence[Tensor], ctx: ProcessContext) -> Tensor:
+        """Per-process slices of the local images (default), or, with ``whiten_global``, slices of the gathered
+        global batch drawn from one permutation shared by all processes: the mean over processes is then the
+        single-process loss of the whole batch, and so is the gradient."""
+        check_views(views, self.n_views)
+        emb = torch.stack(self.embed(views))  # (d, n, D)
+        if self.whiten_global:
+            return self.loss_from_embeddings(ctx.gather(emb, 1), generator=ctx.generator(shared=True))
+        return self.loss_from_embeddings(emb, generator=ctx.generator(shared=False))

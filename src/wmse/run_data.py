@@ -1,0 +1,79 @@
+"""Which images a run trains on and which it is evaluated on.
+
+The kNN / linear classifiers fit on ``clf_split`` (default: the labelled images of the training split, e.g.
+STL-10's "train" when pretraining on "train+unlabeled") and are scored on ``eval_split``; without an eval
+split, a seeded per-class part of the training split is held out of pretraining and scored on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .config import Config
+from .data import ImageDataset, compute_stats, dataset_stats, load, split_per_class
+
+__all__ = ["RunData", "load_run_data", "normalization_stats", "subset"]
+
+
+@dataclass
+class RunData:
+    """Everything a run needs from its dataset, as uint8 tensors on the CPU."""
+
+    train: ImageDataset
+    eval_train_images: Tensor | None  # for kNN / the probe: labelled, un-augmented
+    eval_train_labels: Tensor | None
+    eval_test_images: Tensor | None
+    eval_test_labels: Tensor | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    note: str  # which split evaluation uses, said in the output
+
+    @property
+    def labelled(self) -> bool:
+        """Whether there is anything to evaluate against."""
+        return self.eval_test_images is not None
+
+
+def subset(ds: ImageDataset, idx: Tensor) -> ImageDataset:
+    """The images ``idx`` of ``ds`` (labels and paths follow)."""
+    paths = [ds.paths[i] for i in idx.tolist()] if ds.paths is not None else None
+    return ImageDataset(images=ds.images[idx], labels=ds.labels[idx], classes=ds.classes, paths=paths, name=ds.name)
+
+
+def normalization_stats(dataset: str, images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The dataset's published mean/std, or those of the images themselves (image folders)."""
+    try:
+        return dataset_stats(dataset)
+    except (KeyError, ValueError):
+        return compute_stats(images)
+
+
+def load_run_data(cfg: Config, log=print) -> RunData:
+    """The training split and a labelled evaluation pair (test split, or a seeded held-out split)."""
+    t0 = time.perf_counter()
+    train = load(cfg.dataset, cfg.train_split, cfg.data_dir)
+    log(f"data: {cfg.dataset}/{cfg.train_split}: {len(train)} images {tuple(train.images.shape[1:])} "
+        f"in {time.perf_counter() - t0:.1f}s")
+    mean, std = normalization_stats(cfg.dataset, train.images)
+    if cfg.eval_split is None:
+        if not bool((train.labels >= 0).any()):
+            return RunData(train, None, None, None, None, mean, std, "no labels: kNN monitoring off")
+        train_idx, test_idx = split_per_class(train.labels, cfg.holdout, cfg.seed)
+        kept, held = subset(train, train_idx), subset(train, test_idx)
+        note = (f"evaluation on a seeded per-class held-out split of {cfg.train_split}: {len(test_idx)} images "
+                f"(holdout={cfg.holdout}, seed={cfg.seed}); pretraining and the classifiers use the other "
+                f"{len(train_idx)}")
+        return RunData(kept, kept.images, kept.labels, held.images, held.labels, mean, std, note)
+    clf = load(cfg.dataset, cfg.clf_split, cfg.data_dir) if cfg.clf_split else train
+    labelled = clf.labels >= 0
+    if not bool(labelled.any()):
+        return RunData(train, None, None, None, None, mean, std, "no labels: kNN monitoring off")
+    if not bool(labelled.all()):
+        clf = subset(clf, labelled.nonzero().squeeze(1))
+    test = load(cfg.dataset, cfg.eval_split, cfg.data_dir)
+    note = (f"classifiers fit on {cfg.clf_split or cfg.train_split} ({len(clf)} labelled images), "
+            f"scored on {cfg.eval_split} ({len(test)} images)")
+    return RunData(train, clf.images, clf.labels, test.images, test.labels, mean, std, note)
