@@ -8,7 +8,7 @@ PIL images (what DataLoader workers run in the official code), timed in the same
     python benchmarks/augment.py                        # torch's default thread count
     python benchmarks/augment.py --device cuda          # GPU (torchvision side stays on the CPU)
 
-Prints a table and writes benchmarks/results/augment.json (or --out).
+Prints the CPU it ran on, a table, and writes benchmarks/results/augment.json (or --out).
 """
 
 from __future__ import annotations
@@ -42,6 +42,23 @@ def real_images(n: int, side: int) -> torch.Tensor:
         imgs = torch.nn.functional.interpolate(imgs.float(), size=side, mode="bicubic", antialias=True)
         imgs = imgs.round().clamp(0, 255).to(torch.uint8)
     return imgs.contiguous()
+
+
+def cpu_info() -> dict:
+    """The CPU's model name and whether it has native bf16 (avx512_bf16), from /proc/cpuinfo (Linux)."""
+    name, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+            if name != "unknown" and flags:
+                break
+    except OSError:
+        pass
+    return {"cpu": name, "avx512_bf16": "avx512_bf16" in flags}
 
 
 def torchvision_pipeline(cfg: AugmentConfig):
@@ -111,8 +128,10 @@ def main() -> None:
         tv, ours = measure(images, cfg, args)
         rows.append({"case": label, "input": side, "size": size, "torchvision_img_s": round(tv, 1),
                      "wmse_img_s": round(ours, 1), "speedup": round(ours / tv, 2)})
+    cpu = cpu_info()
     print(f"augmentation, d={args.views} views, batch {args.batch}, device {args.device}, "
           f"torch threads {torch.get_num_threads()}")
+    print(f"CPU: {cpu['cpu']} ({os.cpu_count()} cores), avx512_bf16: {'yes' if cpu['avx512_bf16'] else 'no'}")
     print(f"{'case':<20}{'torchvision img/s':>20}{'wmse img/s':>14}{'speedup':>10}")
     for r in rows:
         print(f"{r['case']:<20}{r['torchvision_img_s']:>20,.0f}{r['wmse_img_s']:>14,.0f}{r['speedup']:>9.1f}x")
@@ -120,7 +139,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"threads": torch.get_num_threads(), "device": args.device, "batch": args.batch, "views": args.views,
             "rounds": args.rounds, "reps": args.reps, "tv_images": args.tv_images,
-            "torch": torch.__version__, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "torch": torch.__version__, **cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")

@@ -324,6 +324,32 @@ def test_config_validation_and_presets():
         Augmenter(AugmentConfig(size=8), (0.5, 0.5), (0.2, 0.2))(real_images(2), 1)
 
 
+def test_one_recipe_validator_names_fields_for_each_caller():
+    from wmse.augment import validate_recipe
+    from wmse.config import Config
+
+    good = dict(crop_scale=(0.2, 1.0), crop_ratio=(0.75, 4 / 3), jitter=(0.4, 0.4, 0.4, 0.1),
+                jitter_p=0.8, grayscale_p=0.1, flip_p=0.5)
+    validate_recipe(**good)
+    cases = [(dict(crop_scale=(0.5, 0.2)), "crop_scale"), (dict(crop_scale=(0.0, 1.0)), "crop_scale"),
+             (dict(crop_ratio=(2.0, 1.0)), "crop_ratio"), (dict(jitter=(0.4, 0.4, 0.4)), "jitter"),
+             (dict(jitter=(0.4, -0.1, 0.4, 0.1)), "jitter"), (dict(jitter=(0.4, 0.4, 0.4, 0.6)), "jitter"),
+             (dict(jitter=(0.4, math.nan, 0.4, 0.1)), "jitter"), (dict(jitter_p=-0.1), "jitter_p"),
+             (dict(grayscale_p=1.5), "grayscale_p"), (dict(flip_p=math.nan), "flip_p")]
+    for change, name in cases:
+        with pytest.raises(ValueError, match=f"field '{name}'"):  # the run configuration's naming (default)
+            validate_recipe(**{**good, **change})
+        with pytest.raises(ValueError, match=f"AugmentConfig: {name}"):
+            validate_recipe(**{**good, **change}, field_name=lambda n: f"AugmentConfig: {n}")
+        with pytest.raises(ValueError, match=f"AugmentConfig: {name}"):
+            AugmentConfig(size=32, **change)
+    with pytest.raises(ValueError, match="field 'flip_p' must be in"):
+        validate_recipe(**{**good, "flip_p": 1.5})
+    # AugmentConfig's defaults are the run configuration's recipe.
+    default, run = AugmentConfig(size=32), Config()
+    assert all(getattr(default, name) == getattr(run, name) for name in good)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_cuda_matches_cpu_given_the_same_parameters():
     images = real_images(64)
