@@ -92,10 +92,10 @@ def test_cache_off_and_unwritable_cache(tmp_path, counted, monkeypatch):
     load("folder", root=tmp_path / "tree", cache=False)
     assert counted == [6, 6] and cache_files(tmp_path) == []
 
-    def refuse(obj, path):
+    def refuse(obj, path, mode=None):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(imagefolder, "_save_atomic", refuse)
+    monkeypatch.setattr(imagefolder, "save_atomic", refuse)
     with pytest.warns(UserWarning, match="WMSE_CACHE"):
         ds = load("folder", root=tmp_path / "tree")
     assert len(ds) == 6

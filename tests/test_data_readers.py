@@ -395,6 +395,53 @@ def test_registry_errors_list_the_choices():
             assert len(mean) == len(std) in (1, 3) and all(0 < s < 1 for s in std)
 
 
+def test_one_registry_entry_per_dataset_drives_load_splits_stats_and_resize(tmp_path):
+    from wmse.data import DATASETS, DatasetSpec, register_dataset
+    assert sorted(DATASETS) == available() and set(SPLITS) == set(DATASETS)
+    for name, spec in DATASETS.items():
+        assert isinstance(spec, DatasetSpec) and spec.name == name and SPLITS[name] == spec.splits
+        assert (spec.stats is None) == (name == "folder")
+    assert {n for n, s in DATASETS.items() if s.image_files} == {"folder", "imagenet100", "tiny_imagenet"}
+    seen = []
+
+    @register_dataset("toy_set", ("train", "holdout"), ((0.5,), (0.25,)), image_files=True)
+    def _read_toy(root, split, opts):
+        seen.append((root, split, opts.resize, opts.cache))
+        return ImageDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64), ["x"],
+                            None, f"toy_set/{split}")
+
+    try:
+        assert "toy_set" in available() and SPLITS["toy_set"] == ("train", "holdout")
+        assert dataset_stats("Toy-Set") == ((0.5,), (0.25,))
+        assert len(load("toy_set", "holdout", root=tmp_path, resize=3, cache=False)) == 2
+        assert seen == [(tmp_path, "holdout", 3, False)]
+        with pytest.raises(ValueError, match="no split 'test'.*train, holdout"):
+            load("toy_set", "test")
+        with pytest.raises(ValueError, match="already registered"):
+            register_dataset("toy_set", ("train",))(lambda r, s, o: None)  # a name is defined once
+    finally:
+        DATASETS.remove("toy_set")
+    assert "toy_set" not in SPLITS and "toy_set" not in available()
+
+
+def test_data_errors_name_the_cli_flags(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        load("cifar10", "train", root=tmp_path, download=False)
+    assert "--data_dir" in str(err.value) and "root=" in str(err.value) and "WMSE_DATA" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="--data_dir"):
+        load("folder", root=tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="--data_dir"):
+        load("folder")
+    rng = np.random.default_rng(8)
+    for i, hw in enumerate([(8, 8), (9, 8)]):
+        _save(tmp_path / "mixed" / f"{i}.png", rng.integers(0, 256, (*hw, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"--resize PIXELS \(resize= in Python\)") as err:
+        load("folder", root=tmp_path / "mixed")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="--resize"):
+        load("cifar10", resize=16)
+
+
 def test_image_dataset_validates():
     with pytest.raises(ValueError, match="uint8"):
         ImageDataset(torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.int64), [], None, "x")

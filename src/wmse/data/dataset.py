@@ -1,16 +1,25 @@
-"""The in-memory dataset type, data/cache locations, per-dataset statistics and stratified splits."""
+"""The in-memory dataset type, the dataset registry, data/cache locations, statistics and stratified splits."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..registry import Registry
+
 __all__ = [
     "ImageDataset",
+    "DatasetSpec",
+    "DATASETS",
+    "SPLITS",
+    "ReadOptions",
+    "register_dataset",
+    "dataset_spec",
     "data_root",
     "cache_root",
     "dataset_stats",
@@ -78,32 +87,128 @@ def cache_root() -> Path:
     return data_root(None) / ".wmse_cache"
 
 
-# Mean / std per channel in [0, 1] units. CIFAR, STL-10 and Tiny ImageNet use the values of the
-# official W-MSE code; ImageNet-100 uses the usual ImageNet values; Fashion-MNIST was computed on
-# its training split (tests/test_data_readers.py re-checks it and CIFAR-10 against compute_stats).
-_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2430, 0.2610)),
-    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
-    "stl10": ((0.43, 0.42, 0.39), (0.27, 0.26, 0.27)),
-    "tiny_imagenet": ((0.480, 0.448, 0.398), (0.277, 0.269, 0.282)),
-    "imagenet100": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "fashion_mnist": ((0.2860,), (0.3530,)),
-}
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
 
-def dataset_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+@dataclass(frozen=True)
+class ReadOptions:
+    """Keyword options every reader receives (each uses what applies to it)."""
+
+    resize: int | None = None
+    download: bool = True
+    cache: bool = True
+
+
+def given_root(root: str | Path | None) -> Path | None:
+    """Root resolver of readers that find their files themselves: ``root`` as passed (None stays None)."""
+    return Path(root).expanduser() if root is not None else None
+
+
+def subdir_root(sub: str) -> Callable[[str | Path | None], Path]:
+    """Root resolver: ``root`` if given, else ``<data root>/<sub>`` (e.g. ``~/.cache/wmse/imagenet100``)."""
+    def resolve(root: str | Path | None) -> Path:
+        return data_root(root) if root is not None else data_root(None) / sub
+    resolve.__name__ = f"subdir_root({sub!r})"
+    return resolve
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything the data layer knows of one dataset: the one place its name is defined.
+
+    Attributes:
+        name: the name :func:`wmse.data.load` accepts (lower case, ``_`` not ``-``).
+        reader: ``reader(root, split, opts: ReadOptions) -> ImageDataset``; ``root`` is what
+            ``resolve_root`` made of the caller's ``root=``.
+        splits: the splits ``reader`` accepts, the default ("train") first.
+        stats: published per-channel ``(mean, std)`` in [0, 1] units, or None when the images define
+            them (``folder``: use :func:`compute_stats`).
+        image_files: the split is a set of image files decoded by PIL: it accepts ``resize=`` and goes
+            through the decode cache (``$WMSE_CACHE``); array formats (CIFAR pickles, ...) do neither.
+        resolve_root: ``root=`` -> the directory the reader gets (default :func:`data_root`:
+            ``root``, else ``$WMSE_DATA``, else ``~/.cache/wmse``).
+    """
+
+    name: str
+    reader: Callable[..., "ImageDataset"]
+    splits: tuple[str, ...]
+    stats: Stats | None = None
+    image_files: bool = False
+    resolve_root: Callable[[str | Path | None], Path | None] = data_root
+
+    def __post_init__(self) -> None:
+        if not self.splits:
+            raise ValueError(f"dataset {self.name!r}: needs at least one split")
+        if self.stats is not None and len(self.stats[0]) != len(self.stats[1]):
+            raise ValueError(f"dataset {self.name!r}: stats mean and std differ in length")
+
+
+#: name -> :class:`DatasetSpec`, filled by :func:`register_dataset` next to each reader (readers.py).
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+
+
+def register_dataset(name: str, splits: tuple[str, ...] | list[str], stats: Stats | None = None, *,
+                     image_files: bool = False,
+                     resolve_root: Callable[[str | Path | None], Path | None] = data_root,
+                     replace: bool = False) -> Callable[[Callable[..., "ImageDataset"]], Callable[..., "ImageDataset"]]:
+    """Decorator: register the decorated reader as dataset ``name`` (see :class:`DatasetSpec`).
+
+    >>> @register_dataset("my_set", ("train", "test"), ((0.5,), (0.25,)))   # doctest: +SKIP
+    ... def _read_my_set(root, split, opts): ...
+    """
+    def deco(reader: Callable[..., "ImageDataset"]) -> Callable[..., "ImageDataset"]:
+        DATASETS.add(name, DatasetSpec(name, reader, tuple(splits), stats, image_files, resolve_root), replace)
+        return reader
+    return deco
+
+
+def dataset_key(name: str) -> str:
+    """The registry key of a user-typed name: ``"Tiny-ImageNet"`` -> ``"tiny_imagenet"``."""
+    return name.lower().replace("-", "_") if isinstance(name, str) else name
+
+
+def dataset_spec(name: str, arg: str | None = None) -> DatasetSpec:
+    """The :class:`DatasetSpec` of ``name``; ValueError listing the known names (sorted) otherwise."""
+    key = dataset_key(name)
+    if key not in DATASETS:
+        where = f"{arg}: " if arg else ""
+        raise ValueError(f"{where}unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
+    return DATASETS[key]
+
+
+class _SplitsView(Mapping):
+    """``SPLITS[name]`` -> that dataset's splits, read live from :data:`DATASETS`."""
+
+    def __getitem__(self, name: str) -> tuple[str, ...]:
+        if name not in DATASETS:
+            raise KeyError(name)
+        return DATASETS[name].splits
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(DATASETS)
+
+    def __len__(self) -> int:
+        return len(DATASETS)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+SPLITS: Mapping[str, tuple[str, ...]] = _SplitsView()
+
+
+def dataset_stats(name: str) -> Stats:
     """Per-channel (mean, std) in [0, 1] units for a named dataset.
 
     Raises:
-        ValueError: for ``folder`` (use :func:`compute_stats`) or an unknown name.
+        ValueError: for a dataset without published statistics (``folder``: use :func:`compute_stats`)
+            or an unknown name.
     """
-    key = name.lower().replace("-", "_")
-    if key in _STATS:
-        return _STATS[key]
-    if key == "folder":
-        raise ValueError("dataset_stats('folder'): a folder has no fixed statistics; "
+    spec = dataset_spec(name, arg="dataset_stats")
+    if spec.stats is None:
+        raise ValueError(f"dataset_stats({spec.name!r}): a {spec.name} has no fixed statistics; "
                          "use wmse.data.compute_stats(dataset.images)")
-    raise ValueError(f"dataset_stats: unknown dataset {name!r}; known: {', '.join(sorted(_STATS))}")
+    return spec.stats
 
 
 def compute_stats(images: Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -38,7 +38,8 @@ def missing_error(what: str, expected: list[Path], url: str | None, reason: str 
     shown = ", ".join(str(p) for p in expected[:4]) + (" ..." if len(expected) > 4 else "")
     fix = f"download {url} and extract it there" if url else "put the files there"
     tail = f" ({reason})" if reason else ""
-    return FileNotFoundError(f"{what}: missing {shown}; {fix}, or pass root=/ set WMSE_DATA to where they are{tail}")
+    return FileNotFoundError(f"{what}: missing {shown}; {fix}, or pass --data_dir (root= in Python) or set WMSE_DATA "
+                             f"to where they are{tail}")
 
 
 def download_and_extract(url: str, md5: str, root: Path) -> None:
