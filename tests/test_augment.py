@@ -358,3 +358,31 @@ def test_cuda_matches_cpu_given_the_same_parameters():
     torch.testing.assert_close(aug.apply(images.cuda(), p).cpu(), aug.apply(images, p), atol=1e-5, rtol=0)
     views = aug(images.cuda(), 2, torch.Generator(device="cuda").manual_seed(0))
     assert all(v.is_cuda and v.shape == (64, 3, 32, 32) for v in views)
+
+
+def test_solarize_per_view_matches_torchvision_and_draws_nothing_at_p0():
+    from torchvision.transforms.v2 import functional as TF
+
+    images = torch.randint(0, 256, (64, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    plain = Augmenter(AugmentConfig(size=16), MEAN, STD)
+    both = Augmenter(AugmentConfig(size=16, solarize_p=(0.0, 1.0)), MEAN, STD)
+    a = plain(images, 3, generator=torch.Generator().manual_seed(7))
+    b = both(images, 1, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a[0], b[0])  # p = 0: the same view and no random draw
+    params = plain.sample(64, 20, 20, torch.Generator().manual_seed(3))
+    raw = plain.apply(images, params, normalize=False)
+    solar = plain.apply(images, params, normalize=False, solarize=torch.ones(64, dtype=torch.bool))
+    assert torch.equal(solar, TF.solarize(raw, threshold=128 / 255))
+    half = torch.arange(64) % 2 == 0
+    mixed = plain.apply(images, params, normalize=False, solarize=half)
+    assert torch.equal(mixed[half], solar[half]) and torch.equal(mixed[~half], raw[~half])
+
+
+def test_solarize_rate_is_the_views_probability():
+    aug = Augmenter(AugmentConfig(size=8, solarize_p=(0.0, 0.3)), MEAN, STD)
+    flags = [aug._solarize(v, 4000, torch.Generator().manual_seed(v)) for v in range(3)]
+    assert flags[0] is None
+    for f in flags[1:]:  # the last probability repeats for views past the tuple
+        assert abs(f.double().mean().item() - 0.3) < 4 * (0.3 * 0.7 / 4000) ** 0.5
+    with pytest.raises(ValueError, match="solarize_p"):
+        AugmentConfig(size=8, solarize_p=(1.5,))

@@ -100,7 +100,7 @@ def test_python_m_wmse_runs_the_cli():
     assert out.returncode == 0 and "fashion_mnist" in out.stdout
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_folder, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_with_the_resumable_status(tiny_folder, tmp_path):
     env = {**os.environ, "WMSE_CACHE": str(tmp_path / "cache")}
     args = [sys.executable, "-m", "wmse", "pretrain", "--preset", "cifar10-quick", "--data_dir", str(tiny_folder),
             "--arch", "small", "--image_size", "16", "--emb", "8", "--head_hidden", "32", "--w_size", "16",
@@ -113,8 +113,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_folder, tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert "resume with: wmse pretrain --resume" in err
+    assert proc.returncode == 75, err  # stopped, resumable: not 0, so `pretrain && evaluate` does not go on
+    assert f"continue with: wmse pretrain --resume {tmp_path / 'sig'}" in err.splitlines()[-1]
     ckpt = load_checkpoint(tmp_path / "sig")
     assert 0 < ckpt["step"] < 1000 * 3
 

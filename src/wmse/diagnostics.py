@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["spectrum", "effective_rank", "normalized_std", "embedding_diagnostics"]
+__all__ = ["spectrum", "effective_rank", "normalized_std", "embedding_diagnostics", "nonfinite_rows"]
 
 
 def _check_2d(x: Tensor, name: str, min_rows: int = 2) -> None:
@@ -91,6 +91,9 @@ def normalized_std(z: Tensor) -> float:
 
 
 def _summary(x: Tensor, prefix: str) -> dict[str, float | list[float]]:
+    bad = nonfinite_rows(x)
+    if bad:  # no covariance of non-finite values: say so instead
+        return {f"{prefix}_nonfinite_rows": bad}
     eigs = spectrum(x)
     total = float(eigs.clamp_min(0).sum())
     dim = x.shape[1]
@@ -116,7 +119,9 @@ def embedding_diagnostics(features: Tensor, embeddings: Tensor | None = None) ->
         A JSON-serialisable dict. Floats: ``feature_eff_rank``, ``feature_top_eig_share``,
         ``feature_norm_std``, ``feature_norm_std_ratio`` and the same with the ``emb_`` prefix
         when embeddings are given. Lists (for plots): ``spectrum_features`` ``(F,)`` and
-        ``spectrum_embeddings`` ``(D,)``, eigenvalues in descending order.
+        ``spectrum_embeddings`` ``(D,)``, eigenvalues in descending order. Rows that are not finite
+        (a diverged encoder) have no spectrum: then the dict holds ``feature_nonfinite_rows`` (and
+        ``emb_nonfinite_rows``), the number of such rows, instead of that set's entries.
     """
     _check_2d(features, "features")
     out = _summary(features, "feature")
@@ -128,6 +133,12 @@ def embedding_diagnostics(features: Tensor, embeddings: Tensor | None = None) ->
                 f"{features.shape[0]}: pass both for the same images"
             )
         emb = _summary(embeddings, "emb")
-        emb["spectrum_embeddings"] = emb.pop("spectrum_embs")
+        if "spectrum_embs" in emb:
+            emb["spectrum_embeddings"] = emb.pop("spectrum_embs")
         out.update(emb)
     return out
+
+
+def nonfinite_rows(x: Tensor) -> int:
+    """How many rows of ``x`` (N, D) hold a NaN or an infinity."""
+    return int((~torch.isfinite(x)).any(dim=1).sum())

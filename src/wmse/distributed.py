@@ -209,6 +209,16 @@ def agree(loss: Tensor, stop: bool, rt: Runtime) -> tuple[float, bool]:
     return total / rt.world_size, stops > 0
 
 
+def mean_over_ranks(loss: Tensor, rt: Runtime) -> Tensor:
+    """The mean of ``loss`` over ranks, left on the device (no host read): every rank then sees the same
+    finiteness, so all skip or all update."""
+    if not rt.distributed:
+        return loss
+    total = loss.detach().float().reshape(()).clone()
+    dist.all_reduce(total)
+    return total / rt.world_size
+
+
 def broadcast_object(obj: Any, rt: Runtime) -> Any:
     """Rank 0's ``obj`` on every rank (e.g. the run directory, whose name holds a time stamp)."""
     if not rt.distributed:

@@ -1,5 +1,27 @@
-"""Exceptions with messages meant for the user of the `wmse` command."""
+"""Exceptions with messages meant for the user of the `wmse` command, and the command's exit statuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["TrainingError", "RunStopped", "EXIT_OK", "EXIT_TRAINING_ERROR", "EXIT_USAGE", "EXIT_STOPPED",
+           "EXIT_INTERRUPTED"]
+
+EXIT_OK = 0  # finished
+EXIT_TRAINING_ERROR = 1  # training cannot go on (the loss stayed non-finite); the last finite checkpoint is kept
+EXIT_USAGE = 2  # an error the user can fix: command line, config, data, files, disk
+EXIT_STOPPED = 75  # stopped by SIGINT/SIGTERM after saving a checkpoint: resumable (sysexits' EX_TEMPFAIL)
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once, without a checkpoint of the current step
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stayed non-finite); the message says why and what to try."""
+
+
+class RunStopped(Exception):
+    """The run was stopped by a signal after writing its checkpoint; ``wmse pretrain --resume`` continues it."""
+
+    def __init__(self, run_dir: Path, step: int, signal_name: str) -> None:
+        super().__init__(f"stopped by {signal_name} at step {step}; the checkpoint is saved, continue with: "
+                         f"wmse pretrain --resume {run_dir}")
+        self.run_dir, self.step, self.signal_name = run_dir, step, signal_name

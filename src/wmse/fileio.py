@@ -18,20 +18,46 @@ __all__ = ["write_atomic", "save_atomic", "write_text_atomic", "TMP_SUFFIX", "re
 TMP_SUFFIX = ".tmp"
 
 
+class _Recording:
+    """A binary file whose first failed write is kept: some writers (torch.save's zip writer) turn the
+    OSError of a full disk into a RuntimeError without the cause."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.f, name)
+
+
 def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any], mode: int | None = None) -> Path:
     """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it to ``path``.
 
     ``mode``: file permissions to set (temporary files are created 0600; a shared cache wants 0644).
-    On any error (a full disk, a kill) the temporary file is removed and ``path`` is left as it was.
+    On any error (a full disk, a kill) the temporary file is removed and ``path`` is left as it was; a
+    failed write raises its OSError with ``filename`` set to ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        with os.fdopen(fd, "wb") as raw:
+            f = _Recording(raw)
+            try:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            except Exception as err:
+                cause = f.error or (err if isinstance(err, OSError) else None)
+                if cause is None:
+                    raise
+                raise OSError(cause.errno, cause.strerror, str(path)) from err
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)

@@ -187,26 +187,27 @@ def build_backbone(arch: str, image_size: int, in_channels: int = 3) -> nn.Modul
 
 
 class ProjectionHead(nn.Sequential):
-    """The projection head g: Linear -> BatchNorm1d -> ReLU -> Linear [-> BatchNorm1d].
+    """The projection head g: (Linear -> BatchNorm1d -> ReLU) x (layers - 1) -> Linear [-> BatchNorm1d].
 
-    ``bn_last=True`` appends ``BatchNorm1d(out_dim)`` (with affine parameters, as the official
-    Contrastive baseline does after its head). The same class is BYOL's predictor.
+    ``layers=2`` (the default, W-MSE's head): Linear -> BatchNorm1d -> ReLU -> Linear. ``bn_last=True``
+    appends ``BatchNorm1d(out_dim)`` (with affine parameters, as the official Contrastive baseline does
+    after its head). The same class is BYOL's predictor.
 
     Shapes: (B, in_dim) -> (B, out_dim).
     """
 
-    def __init__(self, in_dim: int, hidden: int = 1024, out_dim: int = 64, bn_last: bool = False) -> None:
-        for name, value in (("in_dim", in_dim), ("hidden", hidden), ("out_dim", out_dim)):
+    def __init__(self, in_dim: int, hidden: int = 1024, out_dim: int = 64, bn_last: bool = False,
+                 layers: int = 2) -> None:
+        for name, value in (("in_dim", in_dim), ("hidden", hidden), ("out_dim", out_dim), ("layers", layers)):
             if value < 1:
                 raise ValueError(f"ProjectionHead {name} must be >= 1, got {value}")
-        layers: list[nn.Module] = [
-            nn.Linear(in_dim, hidden),
-            nn.BatchNorm1d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, out_dim),
-        ]
+        widths = [in_dim] + [hidden] * (layers - 1)
+        modules: list[nn.Module] = []
+        for a, b in zip(widths, widths[1:]):
+            modules += [nn.Linear(a, b), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+        modules.append(nn.Linear(widths[-1], out_dim))
         if bn_last:
-            layers.append(nn.BatchNorm1d(out_dim))
-        super().__init__(*layers)
+            modules.append(nn.BatchNorm1d(out_dim))
+        super().__init__(*modules)
         self.in_dim = in_dim
         self.out_dim = out_dim

@@ -64,7 +64,9 @@ class Progress:
 class MetricsLog:
     """Appends one JSON object per line to RUN/metrics.jsonl and mirrors scalars to TensorBoard (RUN/tb)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None) -> None:
+        """``purge_step``: on resume, the first step after the checkpoint; TensorBoard hides the events a
+        killed run wrote from there on (metrics.jsonl is truncated by the run directory itself)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.file = self.path.open("a")
         self.tb = None
@@ -72,7 +74,7 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge_step)
             except ImportError:  # tensorboard is a dependency, but a stripped install should still train
                 print("note: tensorboard not installed; metrics go to metrics.jsonl only", file=sys.stderr)
 
@@ -86,14 +88,35 @@ class MetricsLog:
                     self.tb.add_scalar(f"{kind}/{key}", value, step)
 
     def close(self) -> None:
+        if self.file.closed:
+            return
         self.file.close()
         if self.tb is not None:
             self.tb.close()
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """All records of RUN/metrics.jsonl (an empty list when there is none)."""
-    path = Path(run_dir) / "metrics.jsonl"
+def read_jsonl(path: str | Path) -> tuple[list[dict], int]:
+    """Records of a JSON-lines file and the number of unreadable lines (a run killed while writing
+    leaves a truncated last line; readers still get the rest). A missing file has no records."""
+    path = Path(path)
+    records, bad = [], 0
     if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return records, bad
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+        else:
+            bad += 1
+    return records, bad
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """All readable records of RUN/metrics.jsonl (an empty list when there is none)."""
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")[0]

@@ -1,8 +1,9 @@
 """Which images a run trains on and which it is evaluated on.
 
 The kNN / linear classifiers fit on ``clf_split`` (default: the labelled images of the training split, e.g.
-STL-10's "train" when pretraining on "train+unlabeled") and are scored on ``eval_split``; without an eval
-split, a seeded per-class part of the training split is held out of pretraining and scored on.
+STL-10's "train" when pretraining on "train+unlabeled") and are scored on ``eval_split``, or, for an image
+folder, on its own test folder or archive (``eval_data_dir``); without either, a seeded per-class part of the
+training split is held out of pretraining and scored on.
 """
 
 from __future__ import annotations
@@ -51,29 +52,54 @@ def normalization_stats(dataset: str, images: Tensor) -> tuple[tuple[float, ...]
         return compute_stats(images)
 
 
+def _load(cfg: Config, split: str, root=None) -> ImageDataset:
+    return load(cfg.dataset, split, root if root is not None else cfg.data_dir, resize=cfg.resize)
+
+
+def check_classes(train_labels: Tensor, test_labels: Tensor, what: str, knn_k: int) -> None:
+    """ValueError (before any training) when the classifiers would fit on a set missing a class of the
+    set they are scored on, on fewer images than kNN's k, or the scored set is empty."""
+    if test_labels.numel() == 0:
+        raise ValueError(f"{what}: the evaluation set is empty; raise --holdout or give --eval_data_dir")
+    if train_labels.numel() < knn_k:
+        raise ValueError(f"{what}: {train_labels.numel()} labelled training image(s), fewer than knn_k={knn_k}")
+    missing = sorted(set(test_labels.unique().tolist()) - set(train_labels.unique().tolist()))
+    if missing:
+        raise ValueError(f"{what}: class(es) {missing[:5]} of the evaluation set have no labelled training image, "
+                         "so neither kNN nor the linear probe can predict them; lower --holdout or add images")
+
+
 def load_run_data(cfg: Config, log=print) -> RunData:
-    """The training split and a labelled evaluation pair (test split, or a seeded held-out split)."""
+    """The training split and a labelled evaluation pair (test split or folder, or a seeded held-out split)."""
     t0 = time.perf_counter()
-    train = load(cfg.dataset, cfg.train_split, cfg.data_dir)
+    train = _load(cfg, cfg.train_split)
     log(f"data: {cfg.dataset}/{cfg.train_split}: {len(train)} images {tuple(train.images.shape[1:])} "
         f"in {time.perf_counter() - t0:.1f}s")
     mean, std = normalization_stats(cfg.dataset, train.images)
-    if cfg.eval_split is None:
+    if cfg.eval_split is None and cfg.eval_data_dir is None:
         if not bool((train.labels >= 0).any()):
             return RunData(train, None, None, None, None, mean, std, "no labels: kNN monitoring off")
         train_idx, test_idx = split_per_class(train.labels, cfg.holdout, cfg.seed)
         kept, held = subset(train, train_idx), subset(train, test_idx)
+        check_classes(kept.labels, held.labels, f"holdout={cfg.holdout}", cfg.knn_k)
         note = (f"evaluation on a seeded per-class held-out split of {cfg.train_split}: {len(test_idx)} images "
                 f"(holdout={cfg.holdout}, seed={cfg.seed}); pretraining and the classifiers use the other "
                 f"{len(train_idx)}")
         return RunData(kept, kept.images, kept.labels, held.images, held.labels, mean, std, note)
-    clf = load(cfg.dataset, cfg.clf_split, cfg.data_dir) if cfg.clf_split else train
+    clf = _load(cfg, cfg.clf_split) if cfg.clf_split else train
     labelled = clf.labels >= 0
     if not bool(labelled.any()):
         return RunData(train, None, None, None, None, mean, std, "no labels: kNN monitoring off")
     if not bool(labelled.all()):
         clf = subset(clf, labelled.nonzero().squeeze(1))
-    test = load(cfg.dataset, cfg.eval_split, cfg.data_dir)
+    if cfg.eval_data_dir is not None:
+        test, scored_on = _load(cfg, "train", cfg.eval_data_dir), cfg.eval_data_dir
+        if test.classes != clf.classes:
+            raise ValueError(f"eval_data_dir {cfg.eval_data_dir} has classes {test.classes[:5]}... but the training "
+                             f"data has {clf.classes[:5]}...: both need the same class folders")
+    else:
+        test, scored_on = _load(cfg, cfg.eval_split), cfg.eval_split
+    check_classes(clf.labels, test.labels[test.labels >= 0], f"evaluation on {scored_on}", cfg.knn_k)
     note = (f"classifiers fit on {cfg.clf_split or cfg.train_split} ({len(clf)} labelled images), "
-            f"scored on {cfg.eval_split} ({len(test)} images)")
+            f"scored on {scored_on} ({len(test)} images)")
     return RunData(train, clf.images, clf.labels, test.images, test.labels, mean, std, note)

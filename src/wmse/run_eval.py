@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .augment import eval_transform
 from .config import Config
+from .diagnostics import embedding_diagnostics, nonfinite_rows
 from .evaluate import extract_features, knn_accuracy, linear_probe
 from .methods import Method
 from .run_data import RunData
@@ -50,20 +51,30 @@ def subsample(images: Tensor, labels: Tensor, n: int | None, seed: int) -> tuple
     return images[idx], labels[idx]
 
 
+def _nonfinite(*features: Tensor) -> dict:
+    """{"nonfinite_features": rows} when any of ``features`` has non-finite rows (a diverged encoder), else {}."""
+    bad = sum(nonfinite_rows(f) for f in features)
+    return {"nonfinite_features": bad} if bad else {}
+
+
 def knn_monitor(method: Method, data: RunData, cfg: Config, device: torch.device, transform) -> dict:
-    """Cheap kNN accuracy in percent (k = cfg.knn_k) on at most cfg.eval_max_train training images."""
+    """Cheap kNN accuracy in percent (k = cfg.knn_k) on at most cfg.eval_max_train training images.
+
+    ``{"knn_top1": None, "nonfinite_features": rows}`` when the encoder's features are not finite.
+    """
     tr_x, tr_y = subsample(data.eval_train_images, data.eval_train_labels, cfg.eval_max_train, cfg.seed)
     te_x, te_y = subsample(data.eval_test_images, data.eval_test_labels, cfg.eval_max_train, cfg.seed + 1)
     f_tr = encode(method, tr_x, transform, cfg, device)
     f_te = encode(method, te_x, transform, cfg, device)
+    bad = _nonfinite(f_tr, f_te)
+    if bad:
+        return {"knn_top1": None, **bad}
     return {"knn_top1": knn_accuracy(f_tr, tr_y, f_te, te_y, k=cfg.knn_k)}
 
 
 def diagnostics_record(method: Method, data: RunData, cfg: Config, device: torch.device, transform) -> dict:
     """Spectrum / effective rank / collapse indicators of the features and head embeddings of up to 2048
-    evaluation images, as JSON-ready values."""
-    from .diagnostics import embedding_diagnostics
-
+    evaluation images, as JSON-ready values (non-finite sets counted instead, see embedding_diagnostics)."""
     images, _ = subsample(data.eval_test_images, data.eval_test_labels, 2048, cfg.seed + 2)
     feats = encode(method, images, transform, cfg, device)
     # The head on the features already computed (eval mode), rather than a second backbone pass.
@@ -84,6 +95,11 @@ def final_evaluation(method: Method, initial_state: dict, data: RunData, cfg: Co
         method.load_state_dict(state)
         f_tr = encode(method, data.eval_train_images, transform, cfg, device)
         f_te = encode(method, data.eval_test_images, transform, cfg, device)
+        bad = _nonfinite(f_tr, f_te)
+        if bad:
+            results[name] = {"knn_top1": None, "linear_top1": None, "linear_top5": None, **bad}
+            log(f"final eval [{name}]: {bad['nonfinite_features']} feature rows are not finite: not scored")
+            continue
         knn = knn_accuracy(f_tr, data.eval_train_labels, f_te, data.eval_test_labels, k=cfg.knn_k)
         lin = linear_probe(f_tr, data.eval_train_labels, f_te, data.eval_test_labels, epochs=cfg.linear_epochs,
                            seed=cfg.seed, device=device)
@@ -97,8 +113,11 @@ def format_final(results: dict, note: str) -> str:
     """The final comparison as a small text table."""
     rows = [f"{'encoder':<14}{'kNN top-1':>11}{'linear top-1':>14}{'linear top-5':>14}"]
     for name, r in results.items():
+        if r["knn_top1"] is None:
+            rows.append(f"{name:<14}{'features not finite':>39}")
+            continue
         rows.append(f"{name:<14}{r['knn_top1']:>10.2f}%{r['linear_top1']:>13.2f}%{r['linear_top5']:>13.2f}%")
-    if "trained" in results and "random_init" in results:
+    if all(results.get(n, {}).get("knn_top1") is not None for n in ("trained", "random_init")):
         gain = results["trained"]["knn_top1"] - results["random_init"]["knn_top1"]
         rows.append(f"kNN gain over random init: {gain:+.2f} points")
     rows.append(f"({note})")

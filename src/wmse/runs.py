@@ -21,6 +21,8 @@ from .data import load
 from .evaluate import evaluate_features, format_table
 from .methods import Method, build_method
 from .device import resolve_device
+from .diagnostics import nonfinite_rows
+from .fileio import write_atomic, write_text_atomic
 from .run_data import load_run_data, normalization_stats
 from .run_eval import encode, make_eval_transform
 
@@ -71,19 +73,21 @@ def evaluate_run(
     data_dir: str | None = None,
     head: bool = False,
     linear: bool = True,
-    linear_epochs: int = 500,
+    linear_epochs: int | None = None,
     device: str = "auto",
     log=None,
 ) -> dict:
     """Frozen features of the classifier and test splits -> kNN (k=5 and weighted), linear probe, diagnostics.
 
     Results go to RUN/eval.json (RUN/eval_head.json for head outputs) and are returned. ``dataset`` /
-    ``data_dir`` override the run's own (e.g. a run whose data moved).
+    ``data_dir`` override the run's own (e.g. a run whose data moved). ``linear_epochs``: default the run's
+    own ``linear_epochs``, so the probe is the one of its final evaluation (the paper's protocol: 500).
     """
     log = log or (lambda m: print(m, file=sys.stderr))
     dev = resolve_device(device)
     run = load_run(run_or_checkpoint, dev)
     cfg = run.cfg.replace(**{k: v for k, v in (("dataset", dataset), ("data_dir", data_dir)) if v is not None})
+    linear_epochs = linear_epochs or cfg.linear_epochs
     data = load_run_data(cfg, log)
     if data.eval_test_images is None:
         raise ValueError(f"dataset {cfg.dataset!r} has no labels here, so there is nothing to evaluate against")
@@ -94,13 +98,19 @@ def evaluate_run(
     f_train = encode(run.method, data.eval_train_images, transform, cfg, dev, head=head)
     f_test = encode(run.method, data.eval_test_images, transform, cfg, dev, head=head)
     log(f"features {tuple(f_train.shape)} / {tuple(f_test.shape)} in {time.perf_counter() - t0:.1f}s")
+    bad = nonfinite_rows(f_train) + nonfinite_rows(f_test)
+    if bad:
+        raise ValueError(f"{bad} of {len(f_train) + len(f_test)} feature rows of {run.checkpoint} are not finite "
+                         "(the encoder diverged): nothing to evaluate")
+    if linear:
+        log(f"linear probe: {linear_epochs} epochs (the run's linear_epochs is {run.cfg.linear_epochs})")
     results = evaluate_features(f_train, data.eval_train_labels, f_test, data.eval_test_labels,
                                 knn_k=cfg.knn_k, weighted_k=min(200, len(f_train)), linear=linear, linear_epochs=linear_epochs, seed=cfg.seed,
                                 device=dev)
     results = {"checkpoint": str(run.checkpoint), "epoch": run.epoch, "dataset": cfg.dataset,
                "features": "head" if head else "backbone", "note": data.note, **results}
     out = run.run_dir / ("eval_head.json" if head else "eval.json")
-    out.write_text(json.dumps(results, indent=2))
+    write_text_atomic(out, json.dumps(results, indent=2))
     print(format_table({k: v for k, v in results.items() if k not in ("checkpoint", "note")}))
     print(f"({data.note}; written to {out})")
     return results
@@ -112,15 +122,13 @@ def export_backbone(run: TrainedRun, path: str | Path) -> Path:
     For ResNets the keys are those of ``wmse.models.torchvision_resnet(arch, image_size, in_channels)``,
     i.e. a plain torchvision ResNet with the same stem and ``fc = Identity``.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = {k: v.detach().contiguous().cpu() for k, v in run.method.backbone.state_dict().items()}
     meta = {"arch": run.cfg.arch, "image_size": str(run.cfg.image_size), "in_channels": str(run.in_channels),
             "format": "wmse-backbone-1"}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=meta)
-    return path
+    blob = save(state, metadata=meta)
+    return write_atomic(path, lambda f: f.write(blob))
 
 
 def load_exported_backbone(path: str | Path) -> nn.Module:
@@ -159,12 +167,20 @@ def embed_run(
     ds = load(cfg.dataset, split, cfg.data_dir)
     mean, std = _stats(run, ds.images)
     feats = encode(run.method, ds.images, make_eval_transform(cfg, mean, std, dev, False), cfg, dev, head=head)
-    files = {"features": out / "features.npy", "labels": out / "labels.npy"}
-    np.save(files["features"], feats.numpy())
-    np.save(files["labels"], ds.labels.numpy())
-    if ds.paths is not None:
-        files["paths"] = out / "paths.txt"
-        files["paths"].write_text("\n".join(str(p) for p in ds.paths) + "\n")
-    files["backbone"] = export_backbone(run, out / "backbone.safetensors")
+    files = {"features": out / "features.npy", "labels": out / "labels.npy", "paths": out / "paths.txt",
+             "backbone": out / "backbone.safetensors"}
+    if ds.paths is None:
+        del files["paths"]
+    written: list[Path] = []
+    try:  # each file atomically; on a failure (a full disk) the files of this call are removed again
+        written.append(write_atomic(files["features"], lambda f: np.save(f, feats.numpy())))
+        written.append(write_atomic(files["labels"], lambda f: np.save(f, ds.labels.numpy())))
+        if "paths" in files:
+            written.append(write_text_atomic(files["paths"], "\n".join(str(p) for p in ds.paths) + "\n"))
+        written.append(export_backbone(run, files["backbone"]))
+    except BaseException:
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise
     log(f"{len(ds)} x {feats.shape[1]} features of {cfg.dataset}/{split} -> {out}")
     return files

@@ -9,7 +9,6 @@ Read it top to bottom: :func:`pretrain` is the whole job in stages; :func:`train
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import json
 import math
 import signal
@@ -26,14 +25,16 @@ import torch
 from . import distributed
 from .augment import AugmentConfig, Augmenter
 from .checkpoint import load_checkpoint, rank_rng_state, rng_state, save_atomic, set_rng_state
-from .config import Config, validate
+from .config import PRESETS, Config, validate
 from .data.loader import BatchLoader
 from .device import cpu_has_native_bf16
-from .errors import TrainingError
-from .methods import Method, build_method
+from .errors import RunStopped, TrainingError
+from .methods import METHODS, Method, build_method
+from .optim import build_optimizer
 from .progress import MetricsLog, Progress
 from .run_data import RunData, load_run_data
 from .run_eval import diagnostics_record, final_evaluation, format_final, knn_monitor, make_eval_transform
+from .rundir import RunDirectory
 from .schedule import lr_factor
 from .whitening import fallback_count
 
@@ -72,6 +73,57 @@ class StopFlag:
                 signal.signal(s, h)
 
 
+class BufferGuard:
+    """Copies of the state a step changes besides what the optimizer updates, taken before the forward pass
+    and put back when the step is skipped, so a skipped non-finite step leaves the model exactly as it was:
+    the buffers (BatchNorm running statistics) and, when the step is skipped on the device after
+    ``on_step`` ran (``frozen``), the parameters the optimizer does not own (BYOL's target)."""
+
+    def __init__(self, method: Method, frozen: bool = False) -> None:
+        self.tensors = list(method.buffers())
+        if frozen:
+            self.tensors += [p.data for p in method.parameters() if not p.requires_grad]
+        self.saved = [torch.empty_like(t) for t in self.tensors]
+
+    def save(self) -> None:
+        for saved, t in zip(self.saved, self.tensors):
+            saved.copy_(t)
+
+    def restore(self) -> None:
+        for saved, t in zip(self.saved, self.tensors):
+            t.copy_(saved)
+
+    def restore_unless(self, ok: torch.Tensor) -> None:
+        """Put the saved values back where the device flag ``ok`` is False (no host read)."""
+        for saved, t in zip(self.saved, self.tensors):
+            torch.where(ok, t, saved, out=t)
+
+
+class DeviceFlags:
+    """The non-finite bookkeeping of steps skipped on the device, read by the host every ``sync_every`` steps.
+
+    ``run``: consecutive non-finite steps; ``total``: all of them; ``hit``: the step (1-based count) at
+    which ``run`` reached the limit, -1 before. From that step on every step is skipped, so the model the
+    host finds when it reads ``hit`` is the model of that step: the abort is exact.
+    """
+
+    def __init__(self, device: torch.device, total: int = 0) -> None:
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        self.run, self.total, self.hit = zero.clone(), zero + total, zero - 1
+        self.loss = torch.zeros((), dtype=torch.float32, device=device)
+
+    def step_ok(self, loss: torch.Tensor) -> torch.Tensor:
+        """Whether this step may update: a finite loss and the limit not reached before (device bool)."""
+        self.loss = loss.detach().float()
+        return torch.isfinite(self.loss) & (self.hit < 0)
+
+    def update(self, ok: torch.Tensor, step: int, limit: int) -> None:
+        bad = (~ok).long()
+        self.run = (self.run + 1) * bad
+        self.total = self.total + bad
+        self.hit = torch.where((self.hit < 0) & (self.run >= limit), step, self.hit)
+
+
 @dataclass
 class TrainState:
     """Where training stands. A checkpoint written at (epoch, batch) resumes with batch ``batch`` of
@@ -83,6 +135,8 @@ class TrainState:
     nonfinite_total: int = 0
     nonfinite_run: int = 0  # consecutive non-finite steps up to now
     stop_reason: str | None = None  # set when the loop stops before the last epoch: "signal" or "max_steps=N"
+    checkpoint_step: int | None = None  # step of the checkpoint on disk (None: none yet)
+    window_start: float = 0.0  # when the host last read the device (img/s over the window)
 
 
 @dataclass
@@ -102,6 +156,9 @@ class Job:
     transform: Callable  # the evaluation transform
     run_dir: Path
     initial_state: dict | None  # the random-init weights, for the final comparison
+    buffers: BufferGuard
+    sync_every: int  # steps between host reads of the loss (1: every step, the update skipped on the host)
+    flags: DeviceFlags | None = None  # sync_every > 1: the non-finite bookkeeping on the device
     metrics: MetricsLog | None = None  # main rank only
     progress: Progress | None = None
     stop: StopFlag | None = None
@@ -124,67 +181,94 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
 
     ``resume``: a run directory or checkpoint; training continues exactly where it stopped (same batches,
     augmentations and random slices), in the same run directory.
+
+    Raises:
+        ValueError: a setting, the data or the run directory cannot work (nothing is trained).
+        TrainingError: the loss stayed non-finite; the last finite checkpoint is kept.
+        RunStopped: SIGINT/SIGTERM stopped the run after writing its checkpoint (resumable).
+        OSError: a file could not be written (a full disk); the last complete checkpoint is kept.
     """
     validate(cfg)
     rt = distributed.setup(cfg)
     log = log or (lambda msg: print(msg, file=sys.stderr) if rt.is_main else None)
-    job = None
+    run, job, failed = None, None, True
     try:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
 
-        # ============ the run directory, and the checkpoint to continue from ============
+        # ============ the run directory (locked), and the checkpoint to continue from ============
         ckpt = load_checkpoint(resume) if resume else None
-        run_dir = _run_directory(cfg, resume, rt)
+        run = _open_run_directory(cfg, resume, rt)
 
         # ============ data, method, optimizer, augmentation, batches ============
         data = load_run_data(cfg, log)
         if len(data.train) < cfg.batch_size:
             raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training set ({len(data.train)} images)")
-        job = _build_job(cfg, rt, data, run_dir, log)
+        if cfg.image_size is None:  # the images' own side (an image folder without a preset)
+            cfg = cfg.replace(image_size=min(data.train.images.shape[2:]))
+        job = _build_job(cfg, rt, data, run.path, log)
         state = _restore(job, ckpt, resume) if ckpt is not None else TrainState()
+        if job.sync_every > 1:
+            job.flags = DeviceFlags(job.device, state.nonfinite_total)
+        if state.epoch >= cfg.epochs:
+            log(f"{run.path} is already finished (epoch {state.epoch} of {cfg.epochs}); nothing to do. "
+                "To train longer, resume with a larger --epochs")
+            failed = False
+            return run.path
 
         # ============ logging ============
         if rt.is_main:
-            job.metrics = MetricsLog(run_dir)
-            (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-            _announce(job)
+            if ckpt is not None:
+                run.truncate_metrics(state.step)
+            job.metrics = MetricsLog(run.path, purge_step=state.step + 1 if ckpt is not None else None)
+            run.write_config(cfg.to_dict(), _provenance(cfg))
+            _announce(job, ckpt is not None)
             job.progress = Progress(job.total_steps)
 
         # ============ training ============
         job.stop = StopFlag(announce=rt.is_main)
+        state.window_start = time.perf_counter()
         with job.stop.installed():
             for epoch in range(state.epoch, cfg.epochs):
                 t_epoch = time.perf_counter()
                 if not train_one_epoch(job, state, epoch):
                     break  # stopped by a signal or max_steps: the checkpoint is written
                 end_of_epoch(job, state, time.perf_counter() - t_epoch)
+        failed = False
         _finish(job, state)
-        return run_dir
+        return run.path
     finally:
         if job is not None:
             for closable in (job.progress, job.metrics):
                 if closable is not None:
                     closable.close()
+        if run is not None and rt.is_main:
+            run.close(failed=failed)
         distributed.cleanup(rt)
 
 
-def _run_directory(cfg: Config, resume, rt: distributed.Runtime) -> Path:
-    """The run directory: the resumed run's, or a new one that rank 0 names (a time stamp) for every rank."""
+def _open_run_directory(cfg: Config, resume, rt: distributed.Runtime) -> RunDirectory:
+    """The resumed run's directory, or a new one; rank 0 creates and locks it, and names it for every rank."""
     if resume:
         p = Path(resume)
-        return p.resolve().parent.parent if p.is_file() else p
-    run_dir = _make_run_dir(cfg) if rt.is_main else None
-    return distributed.broadcast_object(run_dir, rt)
+        run = RunDirectory.existing(p.resolve().parent.parent if p.is_file() else p)
+    elif rt.is_main:
+        run = RunDirectory.create(cfg.out_dir, cfg.run_name, cfg.preset or f"{cfg.dataset}-{cfg.method}")
+    else:
+        run = None
+    if rt.is_main:
+        run.lock()
+    path = distributed.broadcast_object(run.path if run is not None else None, rt)
+    return run if run is not None else RunDirectory(path, created=False)
 
 
-def _make_run_dir(cfg: Config) -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = cfg.run_name or f"{cfg.preset or cfg.dataset + '-' + cfg.method}-{stamp}"
-    run_dir = Path(cfg.out_dir) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+def _provenance(cfg: Config) -> dict:
+    """Where the fields came from, for config.json: the preset and what differs from it."""
+    base = PRESETS.get(cfg.preset)
+    changed = cfg.changed(base) if base is not None else cfg.changed(Config())
+    return {"_based_on_preset": cfg.preset, "_changed_from_preset": json.loads(json.dumps(
+        {k: list(v) if isinstance(v, tuple) else v for k, v in changed.items()}))}
 
 
 def _build_job(cfg: Config, rt: distributed.Runtime, data: RunData, run_dir: Path, log) -> Job:
@@ -198,14 +282,18 @@ def _build_job(cfg: Config, rt: distributed.Runtime, data: RunData, run_dir: Pat
         # In place: the module keeps its state_dict keys, so checkpoints stay loadable without compile.
         method.backbone.compile()
     train_module = distributed.wrap(method, cfg, rt)
-    optimizer = torch.optim.Adam(method.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sync_every = cfg.sync_every or (cfg.log_every if device.type == "cuda" and cfg.optimizer == "adam" else 1)
+    # Fused Adam: one kernel for all parameters, and it can skip a step on the device (found_inf). Kept off
+    # on the CPU unless the step is skipped there: the unfused update is the one the CPU figures were taken with.
+    optimizer = build_optimizer(method.trainable_parameters(), cfg,
+                                fused=device.type == "cuda" or sync_every > 1)
     augment = Augmenter(augment_config(cfg), data.mean, data.std)
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * rt.rank)
     loader = BatchLoader(data.train.images, cfg.batch_size, seed=cfg.seed, device=device,
                          rank=rt.rank, world_size=rt.world_size)
     transform = make_eval_transform(cfg, data.mean, data.std, device, cfg.channels_last)
     return Job(cfg, rt, log, data, method, train_module, optimizer, augment, aug_gen, loader, transform, run_dir,
-               initial_state)
+               initial_state, BufferGuard(method, frozen=sync_every > 1), sync_every)
 
 
 def augment_config(cfg: Config) -> AugmentConfig:
@@ -213,6 +301,7 @@ def augment_config(cfg: Config) -> AugmentConfig:
     return AugmentConfig(
         size=cfg.image_size, crop_scale=tuple(cfg.crop_scale), crop_ratio=tuple(cfg.crop_ratio),
         jitter=tuple(cfg.jitter), jitter_p=cfg.jitter_p, grayscale_p=cfg.grayscale_p, flip_p=cfg.flip_p,
+        solarize_p=tuple(cfg.solarize_p),
     )
 
 
@@ -230,14 +319,18 @@ def _restore(job: Job, ckpt: dict, resume) -> TrainState:
     if job.initial_state is not None and "initial_method" in ckpt:
         job.initial_state = ckpt["initial_method"]
     state = TrainState(epoch=ckpt["epoch"], batch=ckpt["batch"], step=ckpt["step"],
-                       nonfinite_total=ckpt.get("nonfinite_total", 0))
+                       nonfinite_total=ckpt.get("nonfinite_total", 0), checkpoint_step=ckpt["step"])
     job.log(f"resumed from {resume} at epoch {state.epoch + 1}, step {state.step}")
     return state
 
 
-def _announce(job: Job) -> None:
+def _announce(job: Job, resumed: bool) -> None:
     cfg = job.cfg
-    job.log(f"run directory: {job.run_dir}\n{job.data.note}")
+    changed = _provenance(cfg)["_changed_from_preset"]
+    shown = ", ".join(f"{k}={v}" for k, v in changed.items()) or "nothing"
+    job.log(f"config: preset {cfg.preset}; differs from it in: {shown}" if cfg.preset in PRESETS
+            else f"config: no preset; differs from the defaults in: {shown}")
+    job.log(f"run directory: {job.run_dir}{' (resumed)' if resumed else ''}\n{job.data.note}")
     job.log(f"method {cfg.method} (d={cfg.n_views}), {cfg.arch} at {cfg.image_size}px, batch {cfg.batch_size}, "
             f"{job.steps_per_epoch} steps/epoch x {cfg.epochs} epochs on {job.device} ({cfg.precision})")
     if cfg.precision == "bf16" and job.device.type == "cpu" and not cpu_has_native_bf16():
@@ -264,19 +357,21 @@ def train_one_epoch(job: Job, state: TrainState, epoch: int) -> bool:
 def train_step(job: Job, state: TrainState, images: torch.Tensor) -> bool:
     """One optimizer step on a batch of uint8 images; returns whether any process was signalled to stop.
 
-    A non-finite loss skips the update; ``cfg.nonfinite_limit`` of them in a row abort the run.
+    A non-finite loss skips the step: no update, and the buffers (BatchNorm statistics) the forward pass
+    moved are put back. ``cfg.nonfinite_limit`` skipped steps in a row abort the run. With
+    ``job.sync_every`` 1 the host reads the loss every step and skips there; otherwise the skip happens on
+    the device (fused Adam's ``found_inf``) and the host reads the flags every ``sync_every`` steps
+    (:func:`_device_update`), with the same result.
     """
-    cfg, device, method, optimizer = job.cfg, job.device, job.method, job.optimizer
+    cfg, optimizer = job.cfg, job.optimizer
     t0 = time.perf_counter()
     lr = cfg.lr * lr_factor(state.step, job.steps_per_epoch, cfg.epochs, cfg.warmup_iters, cfg.schedule,
-                            cfg.lr_drop_epochs, cfg.lr_drop_factor)
+                            cfg.lr_drop_epochs, cfg.lr_drop_factor, cfg.lr_end_factor)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    views = job.augment(images, cfg.n_views, generator=job.aug_gen)
-    if cfg.channels_last:
-        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        loss = job.train_module(views)
+    loss = _forward(job, images)
+    if job.sync_every > 1:
+        return _device_update(job, state, loss, lr, t0)
     # the one host read per step (finiteness needs it); under DDP the mean over ranks, and every rank
     # learns whether any rank was signalled, so all take the same branch below
     loss_value, stopping = distributed.agree(loss, job.stop.signal is not None, job.rt)
@@ -285,58 +380,136 @@ def train_step(job: Job, state: TrainState, images: torch.Tensor) -> bool:
         state.nonfinite_run = 0
         loss.backward()
         optimizer.step()
-        method.on_step(state.step + 1, job.total_steps)
+        job.method.on_step(state.step + 1, job.total_steps)
     else:
+        job.buffers.restore()
         state.nonfinite_run += 1
         state.nonfinite_total += 1
         if state.nonfinite_run >= cfg.nonfinite_limit:
-            raise TrainingError(
-                f"loss was non-finite for {state.nonfinite_run} steps in a row (step {state.step}). Likely causes: "
-                f"learning rate too high (lr={cfg.lr}), w_size ({cfg.w_size}) too small for the embedding "
-                f"size ({cfg.emb}; w_size >= 2*emb is recommended), or eps=0 with collapsed embeddings "
-                f"(try --w_eps 1e-4 or --precision fp32)")
+            raise TrainingError(_divergence_message(job, state, state.step + 1))
     state.step += 1
-    if job.rt.is_main:
-        img_s = cfg.batch_size / (time.perf_counter() - t0)
-        job.progress.update(state.step, state.epoch, cfg.epochs, loss_value, lr, img_s)
-        if state.step % cfg.log_every == 0 or state.step == job.total_steps:
-            job.metrics.write("train", state.step, epoch=state.epoch, loss=loss_value, lr=lr, img_per_s=img_s,
-                              nonfinite_skipped=state.nonfinite_total)
+    _log_step(job, state, loss_value, lr, cfg.batch_size / (time.perf_counter() - t0))
     return stopping
+
+
+def _forward(job: Job, images: torch.Tensor) -> torch.Tensor:
+    """Augmented views of ``images`` through the method: the step's loss (buffers saved first)."""
+    cfg = job.cfg
+    views = job.augment(images, cfg.n_views, generator=job.aug_gen)
+    if cfg.channels_last:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    job.buffers.save()
+    with torch.autocast(job.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        return job.train_module(views)
+
+
+def _device_update(job: Job, state: TrainState, loss: torch.Tensor, lr: float, t0: float) -> bool:
+    """The update of a step whose skip is decided on the device; the host reads every ``sync_every`` steps."""
+    cfg, optimizer, flags = job.cfg, job.optimizer, job.flags
+    ok = flags.step_ok(distributed.mean_over_ranks(loss, job.rt))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.found_inf = (~ok).float()  # fused Adam leaves parameters, moments and step count as they were
+    optimizer.step()
+    job.method.on_step(state.step + 1, job.total_steps)
+    job.buffers.restore_unless(ok)
+    flags.update(ok, state.step + 1, cfg.nonfinite_limit)
+    state.step += 1
+    if state.step % job.sync_every and state.step % cfg.log_every and state.step != job.total_steps:
+        return False
+    loss_value, stopping = sync_flags(job, state)
+    img_s = cfg.batch_size * job.sync_every / (time.perf_counter() - state.window_start)
+    state.window_start = time.perf_counter()
+    _log_step(job, state, loss_value, lr, img_s)
+    return stopping
+
+
+def sync_flags(job: Job, state: TrainState) -> tuple[float, bool]:
+    """Read the device's non-finite flags into ``state`` (abort if the limit was reached) and agree on a stop.
+    Returns the last loss and whether any process was signalled. With host skipping only the stop is agreed."""
+    flags = job.flags
+    if flags is None:
+        return math.nan, distributed.agree(torch.zeros((), device=job.device), job.stop.signal is not None,
+                                           job.rt)[1]
+    loss_value, stopping = distributed.agree(flags.loss, job.stop.signal is not None, job.rt)
+    run, total, hit = (int(t) for t in torch.stack([flags.run, flags.total, flags.hit]).tolist())
+    state.nonfinite_run, state.nonfinite_total = run, total
+    if hit >= 0:  # every step since was skipped: the model is the model of that step
+        state.nonfinite_run = job.cfg.nonfinite_limit
+        raise TrainingError(_divergence_message(job, state, hit))
+    return loss_value, stopping
+
+
+def _log_step(job: Job, state: TrainState, loss_value: float, lr: float, img_s: float) -> None:
+    if not job.rt.is_main:
+        return
+    cfg = job.cfg
+    job.progress.update(state.step, state.epoch, cfg.epochs, loss_value, lr, img_s)
+    if state.step % cfg.log_every == 0 or state.step == job.total_steps:
+        job.metrics.write("train", state.step, epoch=state.epoch, loss=loss_value, lr=lr, img_per_s=img_s,
+                          nonfinite_skipped=state.nonfinite_total)
+
+
+def _divergence_message(job: Job, state: TrainState, step: int) -> str:
+    """Why the run aborts at ``step`` (counted from 1, as in metrics.jsonl), the causes that apply to this
+    config, and what was kept."""
+    cfg = job.cfg
+    causes = [f"a learning rate too high for this run (lr={cfg.lr}; try a smaller --lr or a longer --warmup_iters)"]
+    causes += METHODS[cfg.method].nonfinite_hints(cfg)
+    if cfg.precision == "bf16":
+        causes.append("bf16 rounding (try --precision fp32)")
+    kept = (f"the last finite checkpoint (step {state.checkpoint_step}) is kept in {job.run_dir / 'checkpoints'}"
+            if state.checkpoint_step is not None else "no checkpoint was written")
+    return (f"loss was non-finite for {state.nonfinite_run} steps in a row (step {step}); {kept}. "
+            f"Likely causes: {'; '.join(causes)}")
+
+
+def _state_is_finite(method: Method) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in (*method.parameters(), *method.buffers())
+               if t.is_floating_point())
 
 
 def save_checkpoint(job: Job, state: TrainState) -> None:
     """RUN/checkpoints/last.pt at ``state``'s position (every rank takes part: rank 0 writes every rank's
-    random state)."""
+    random state). Not written while the last losses are non-finite or the weights are not: the previous
+    checkpoint, a finite state, stays."""
     rt = job.rt
-    rng_ranks = distributed.gather_objects(rng_state(job.aug_gen), rt)
-    if not rt.is_main:
-        distributed.barrier(rt)  # wait until rank 0 has written it
+    if job.flags is not None:
+        sync_flags(job, state)  # the device's non-finite count decides whether the state may be saved
+    finite = state.nonfinite_run == 0 and _state_is_finite(job.method)
+    gathered = distributed.gather_objects((rng_state(job.aug_gen), finite), rt)
+    rng_ranks = [g[0] for g in gathered]
+    if not all(g[1] for g in gathered):
+        job.log(f"checkpoint not written at step {state.step}: the model is not finite or its last "
+                f"{state.nonfinite_run} losses were not; the previous checkpoint stays")
         return
-    ckpt = {
-        "method": job.method.state_dict(), "backbone": job.method.backbone.state_dict(),
-        "optimizer": job.optimizer.state_dict(), "epoch": state.epoch, "batch": state.batch, "step": state.step,
-        "rng": rng_ranks[0], "rng_ranks": rng_ranks, "world_size": rt.world_size,
-        "config": job.cfg.to_dict(), "nonfinite_total": state.nonfinite_total,
-        "mean": list(job.data.mean), "std": list(job.data.std),  # so evaluation normalises exactly as training
-    }
-    if job.initial_state is not None:
-        ckpt["initial_method"] = job.initial_state
-    save_atomic(ckpt, job.run_dir / "checkpoints" / "last.pt")
-    distributed.barrier(rt)
+    if rt.is_main:
+        ckpt = {
+            "method": job.method.state_dict(), "backbone": job.method.backbone.state_dict(),
+            "optimizer": job.optimizer.state_dict(), "epoch": state.epoch, "batch": state.batch, "step": state.step,
+            "rng": rng_ranks[0], "rng_ranks": rng_ranks, "world_size": rt.world_size,
+            "config": job.cfg.to_dict(), "nonfinite_total": state.nonfinite_total,
+            "mean": list(job.data.mean), "std": list(job.data.std),  # so evaluation normalises exactly as training
+        }
+        if job.initial_state is not None:
+            ckpt["initial_method"] = job.initial_state
+        save_atomic(ckpt, job.run_dir / "checkpoints" / "last.pt")
+    distributed.barrier(rt)  # the other ranks wait until rank 0 has written it
+    state.checkpoint_step = state.step
 
 
 def end_of_epoch(job: Job, state: TrainState, seconds: float) -> None:
-    """The epoch summary; every cfg.eval_every epochs the kNN monitor and diagnostics; the checkpoint."""
+    """The epoch summary, the checkpoint, and every cfg.eval_every epochs the kNN monitor and diagnostics
+    (after the checkpoint: a failing evaluation never costs the epoch)."""
     cfg = job.cfg
     state.epoch, state.batch = state.epoch + 1, 0
     done = state.epoch
     if job.rt.is_main:
         job.metrics.write("epoch", state.step, epoch=done, seconds=seconds, whitening_fallbacks=fallback_count())
-        if job.data.labelled and (done % cfg.eval_every == 0 or done == cfg.epochs):
-            _evaluate_epoch(job, state, seconds)
     if done % cfg.ckpt_every == 0 or done == cfg.epochs:
         save_checkpoint(job, state)
+    if job.rt.is_main and job.data.labelled and (done % cfg.eval_every == 0 or done == cfg.epochs):
+        _evaluate_epoch(job, state, seconds)
 
 
 def _evaluate_epoch(job: Job, state: TrainState, seconds: float) -> None:
@@ -344,6 +517,10 @@ def _evaluate_epoch(job: Job, state: TrainState, seconds: float) -> None:
     diag = diagnostics_record(job.method, job.data, job.cfg, job.device, job.transform)
     job.metrics.write("eval", state.step, epoch=state.epoch, **result)
     job.metrics.write("diagnostics", state.step, epoch=state.epoch, **diag)
+    if result["knn_top1"] is None:
+        job.log(f"epoch {state.epoch}: {result['nonfinite_features']} evaluation features are not finite (the "
+                f"encoder has diverged): kNN and diagnostics skipped [{seconds:.0f}s/epoch]")
+        return
     job.log(f"epoch {state.epoch}: kNN top-1 {result['knn_top1']:.2f}% "
             f"(eff. rank features {diag.get('feature_eff_rank', float('nan')):.1f}) [{seconds:.0f}s/epoch]")
 
@@ -357,8 +534,10 @@ def _finish(job: Job, state: TrainState) -> None:
     if fallbacks and rt.is_main:
         log(f"whitening: {fallbacks} slice covariances needed jitter during this run")
     distributed.barrier(rt)  # all checkpoints written; rank 0 alone goes on to the final evaluation
+    if state.stop_reason == "signal":
+        raise RunStopped(job.run_dir, state.step, signal.Signals(job.stop.signal).name)
     if state.stop_reason is not None:
-        log(f"stopped at step {state.step} ({state.stop_reason}); resume with: wmse pretrain --resume {job.run_dir}")
+        log(f"stopped at step {state.step} ({state.stop_reason}); continue with: wmse pretrain --resume {job.run_dir}")
     elif cfg.final_eval and rt.is_main and job.data.labelled:
         results = final_evaluation(job.method, job.initial_state, job.data, cfg, job.device, job.transform, log)
         (job.run_dir / "final_eval.json").write_text(json.dumps({"note": job.data.note, **results}, indent=2))

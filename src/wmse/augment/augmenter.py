@@ -37,6 +37,9 @@ def _colour(chunk: Tensor, params: ViewParams, floats: Tensor, spare: Tensor | N
     return random_grayscale(x, params.gray[where]), torch.argsort(where)
 
 
+_SOLARIZE_AT = 128 / 255  # torchvision's RandomSolarize(threshold=128) of a uint8 image, in [0, 1] units
+
+
 class Augmenter:
     """Batched W-MSE augmentation: uint8 images -> ``n_views`` normalised float views.
 
@@ -72,8 +75,13 @@ class Augmenter:
         device = generator.device if generator is not None else torch.device("cpu")
         return sample_params(self.cfg, n, height, width, generator, device)
 
-    def apply(self, images: Tensor, params: ViewParams, normalize: bool = True) -> Tensor:
-        """One view with given parameters: uint8 ``(N, C, H, W)`` -> float32 ``(N, C, size, size)``."""
+    def apply(self, images: Tensor, params: ViewParams, normalize: bool = True,
+              solarize: Tensor | None = None) -> Tensor:
+        """One view with given parameters: uint8 ``(N, C, H, W)`` -> float32 ``(N, C, size, size)``.
+
+        ``solarize``: optional bool ``(N,)``: RandomSolarize(threshold 128 of 255) of those samples, after the
+        crop (as INTL's recipe: torchvision's ``solarize`` on the resized image, ``1 - x`` where ``x >= 128/255``).
+        """
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"Augmenter: images must be uint8 (N, C, H, W), got {images.dtype} "
                              f"{tuple(images.shape)}")
@@ -98,6 +106,9 @@ class Augmenter:
             part = out[s:s + step]  # chunks are written in place: no concatenation copy
             resized_crop(x, p.boxes, size, p.flip, self.cfg.interpolation, out=part,
                          workspace=workspace, rows=order, clamp=True)
+            if solarize is not None:  # a mask, not an index: no data-dependent shapes on CUDA
+                chosen = solarize[s:s + step].to(part.device).view(-1, 1, 1, 1) & (part >= _SOLARIZE_AT)
+                torch.where(chosen, 1.0 - part, part, out=part)
             if normalize:
                 part.mul_(scale).add_(shift)
         return out
@@ -107,4 +118,16 @@ class Augmenter:
         if n_views < 1:
             raise ValueError(f"Augmenter: n_views={n_views} must be >= 1")
         n, _, h, w = images.shape
-        return [self.apply(images, self.sample(n, h, w, generator)) for _ in range(n_views)]
+        views = []
+        for v in range(n_views):
+            params = self.sample(n, h, w, generator)
+            views.append(self.apply(images, params, solarize=self._solarize(v, n, generator)))
+        return views
+
+    def _solarize(self, view: int, n: int, generator: torch.Generator | None) -> Tensor | None:
+        """Which samples of ``view`` are solarised; None (and no random draw) where its probability is 0."""
+        p = self.cfg.solarize_p[min(view, len(self.cfg.solarize_p) - 1)]
+        if p == 0.0:
+            return None
+        device = generator.device if generator is not None else torch.device("cpu")
+        return torch.rand(n, generator=generator, device=device) < p

@@ -9,13 +9,24 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..config import Config
+__all__ = ["AugmentConfig", "validate_recipe", "RECIPE", "Recipe"]
 
-__all__ = ["AugmentConfig", "validate_recipe"]
 
-# The paper's recipe is written once, as the defaults of the run configuration. Read as attributes
-# of a default instance: that needs no particular kind of class (dataclass or not).
-_RECIPE = Config()
+@dataclass(frozen=True)
+class Recipe:
+    """The paper's augmentation (W-MSE's CIFAR / STL-10 / Tiny ImageNet recipe), written once: the defaults of
+    AugmentConfig and of the run configuration's fields (wmse.config.RunFields)."""
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.1
+    flip_p: float = 0.5
+    solarize_p: tuple[float, ...] = (0.0,)  # per view, the last value repeating (not in the paper: INTL's)
+
+
+RECIPE = Recipe()
 
 
 def _field(name: str) -> str:
@@ -23,7 +34,7 @@ def _field(name: str) -> str:
 
 
 def validate_recipe(crop_scale: Sequence[float], crop_ratio: Sequence[float], jitter: Sequence[float],
-                    jitter_p: float, grayscale_p: float, flip_p: float,
+                    jitter_p: float, grayscale_p: float, flip_p: float, solarize_p: Sequence[float] = (0.0,),
                     field_name: Callable[[str], str] = _field) -> None:
     """Raise ValueError unless the values describe a valid recipe.
 
@@ -31,6 +42,7 @@ def validate_recipe(crop_scale: Sequence[float], crop_ratio: Sequence[float], ji
         crop_scale, crop_ratio: RandomResizedCrop's (min, max) area fraction and aspect ratio.
         jitter: ColorJitter's brightness, contrast, saturation and hue strengths.
         jitter_p, grayscale_p, flip_p: probabilities of ColorJitter, RandomGrayscale, the flip.
+        solarize_p: RandomSolarize's probability for each view (the last value repeats).
         field_name: how a message names a parameter, e.g. ``"field 'flip_p'"`` (the default,
             as the run configuration names its fields).
     """
@@ -45,6 +57,9 @@ def validate_recipe(crop_scale: Sequence[float], crop_ratio: Sequence[float], ji
     for name, p in (("jitter_p", jitter_p), ("grayscale_p", grayscale_p), ("flip_p", flip_p)):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{field_name(name)} must be in [0.0, 1.0], got {p}")
+    if not solarize_p or not all(0.0 <= p <= 1.0 for p in solarize_p):
+        raise ValueError(f"{field_name('solarize_p')} needs one probability in [0, 1] per view (the last "
+                         f"repeats), got {solarize_p}")
 
 
 @dataclass
@@ -52,19 +67,20 @@ class AugmentConfig:
     """Parameters of the training augmentation (defaults: the paper's CIFAR/STL/Tiny IN recipe)."""
 
     size: int
-    crop_scale: tuple[float, float] = _RECIPE.crop_scale
-    crop_ratio: tuple[float, float] = _RECIPE.crop_ratio
-    jitter: tuple[float, float, float, float] = _RECIPE.jitter  # brightness, contrast, saturation, hue
-    jitter_p: float = _RECIPE.jitter_p
-    grayscale_p: float = _RECIPE.grayscale_p
-    flip_p: float = _RECIPE.flip_p
+    crop_scale: tuple[float, float] = RECIPE.crop_scale
+    crop_ratio: tuple[float, float] = RECIPE.crop_ratio
+    jitter: tuple[float, float, float, float] = RECIPE.jitter  # brightness, contrast, saturation, hue
+    jitter_p: float = RECIPE.jitter_p
+    grayscale_p: float = RECIPE.grayscale_p
+    flip_p: float = RECIPE.flip_p
+    solarize_p: tuple[float, ...] = RECIPE.solarize_p  # view v uses solarize_p[min(v, len - 1)]
     interpolation: str = "bicubic"
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 1:
             raise ValueError(f"AugmentConfig: size={self.size!r} must be a positive int")
         validate_recipe(self.crop_scale, self.crop_ratio, self.jitter, self.jitter_p, self.grayscale_p,
-                        self.flip_p, field_name=lambda name: f"AugmentConfig: {name}")
+                        self.flip_p, self.solarize_p, field_name=lambda name: f"AugmentConfig: {name}")
         if self.interpolation not in ("bicubic", "bilinear"):
             raise ValueError(f"AugmentConfig: interpolation={self.interpolation!r} must be 'bicubic' or 'bilinear'")
 

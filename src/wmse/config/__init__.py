@@ -5,13 +5,13 @@
 >>> validate(cfg)
 """
 
-from ..data import SPLITS as DATASETS  # names of the data registry
+from ..data import DATASETS
 from ..methods import METHODS
 from ..models import ARCHS
 from ..schedule import SCHEDULES
 from ..whitening import WHITENINGS
 from .fields import Field
-from .presets import OFFICIAL_COMMANDS, PRESETS, describe_presets, get_preset
+from .presets import OFFICIAL_COMMANDS, PRESETS, describe_presets, get_preset, preset_for_dataset
 from .schema import Config, RunFields, all_fields, apply_overrides, parse_value
 from .validate import PRECISIONS, validate
 
@@ -31,6 +31,7 @@ __all__ = [
     "apply_overrides",
     "describe_presets",
     "get_preset",
+    "preset_for_dataset",
     "parse_value",
     "validate",
 ]

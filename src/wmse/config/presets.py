@@ -12,7 +12,7 @@ from typing import Any
 from .fields import fields_of
 from .schema import Config
 
-__all__ = ["PRESETS", "OFFICIAL_COMMANDS", "get_preset", "describe_presets"]
+__all__ = ["PRESETS", "OFFICIAL_COMMANDS", "get_preset", "describe_presets", "preset_for_dataset"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -36,11 +36,15 @@ _DATASET_BASE: dict[str, dict[str, Any]] = {
     "tiny_imagenet": dict(
         dataset="tiny_imagenet", image_size=64, emb=128, w_size=256, lr=2e-3, epochs=1000, eval_split="val",
     ),
-    # ImageNet-100: 224 px (standard stem), stronger augmentation. The official code evaluates on a
-    # copy of the images resized to 224 px; Resize(256) + CenterCrop(224) is the usual equivalent.
+    # ImageNet-100: 224 px (standard stem), stronger augmentation. The JPEGs differ in size, so they are
+    # decoded once to 256 px (shorter side 256, centre crop 256 x 256: 196 KB an image, ~25 GB for the
+    # 126,689 training images) and RandomResizedCrop(224) samples from that square; the official code crops
+    # the full image, so crops outside the centre square (a quarter of a 4:3 image) are not seen here.
+    # Evaluation is Resize(256) + CenterCrop(224), as usual (the official code evaluates on a copy of the
+    # images resized to 224 px): exact on the stored 256 px squares.
     "imagenet100": dict(
         dataset="imagenet100", image_size=224, emb=128, w_size=256, lr=2e-3, epochs=240, eval_split="val",
-        eval_resize=256, eval_size=224, crop_scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), grayscale_p=0.2,
+        resize=256, eval_resize=256, eval_size=224, crop_scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), grayscale_p=0.2,
     ),
 }
 
@@ -120,7 +124,85 @@ _CIFAR10_QUICK = Config(
     final_eval=True, linear_epochs=100,
 )
 
-PRESETS: dict[str, Config] = {**_table1_presets(), "quick": _QUICK, "cifar10-quick": _CIFAR10_QUICK}
+# folder-wmse2: the CIFAR-10 W-MSE 2 recipe for any image folder, at the images' own size (image_size
+# none: the side of the decoded images), 10% per class held out for evaluation unless --eval_data_dir
+# names a test folder. What `--dataset folder` gets without a preset.
+_FOLDER = _table1_presets()["cifar10-wmse2"].replace(preset="folder-wmse2", dataset="folder", image_size=None,
+                                                     eval_split=None, holdout=0.1)
+
+# ---------------------------------------------------------------------------------------------
+# The whitening family on CIFAR: {cifar10,cifar100}-{method} with the authors' CIFAR settings, and
+# {cifar10,cifar100}-{method}-wmse-protocol: that dataset's W-MSE 2 preset with only the method (and its own
+# fields) changed, so a comparison with W-MSE changes one thing.
+#
+# CW-RGP, scripts/base.sh "CW-RGP 4" (--epochs 1000 --lr 3e-3 --num_samples 4 --bs 256 --w_size 64
+#   --group 4, the same line for CIFAR-100) on the W-MSE code base with base/cfg.py's defaults (emb 512,
+#   head 1024 x 2 layers, Adam wd 1e-6, drops x0.2 at E-50 and E-25, 500 warm-up iterations, W-MSE's
+#   augmentation) of github.com/winci-ai/CW-RGP.
+# INTL, scripts/cifar10.sh and cifar100.sh (--projection_size 2048 --epochs 1000 --lr 0.3 --wd 1e-4) with
+#   cifar/cfg.py's defaults (bs 256, SGD momentum 0.9, lr x bs/256, 2 warm-up epochs = 390 steps of 195,
+#   cosine to 0.001 x lr, a 3-layer 2048-wide projector, 4 IterNorm iterations) and cifar/transform.py
+#   (crop scale (0.08, 1), jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2, solarisation p 0 / 0.2 on the
+#   two views) of github.com/winci-ai/INTL. Not reproduced: their projector's layers have no bias; their
+#   crop is taken before the colour jitter (W-MSE's recipe jitters first); their cosine starts after the
+#   warm-up (here it spans the whole run).
+# Shuffled-DBN, configs/exp_small_200ep/cifar10/covnorm.yaml (and cifar100/) of
+#   github.com/PatrickHua/FeatureDecorrelationSSL: projector 512-1024-512, 16 shuffled groups, SGD momentum
+#   0.9, wd 1e-3, lr 0.02 x 64/256 = 0.005, 5 warm-up epochs (3,905 steps of 781), cosine to 0, batch 64,
+#   200 epochs, SimSiam's augmentation (crop (0.2, 1), jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale 0.2).
+# VICReg and Barlow Twins: their authors publish no CIFAR recipe. The CIFAR figures usually quoted for them
+#   under the W-MSE protocol are the CW-RGP paper's, trained on the same W-MSE code base as CW-RGP above with
+#   its default emb 512, bs 256, lr 3e-3, 1000 epochs; the losses are facebookresearch's (25 / 25 / 1 and
+#   lambda 0.0051; CW-RGP's own baselines differ: see wmse.losses.vicreg / barlow_twins).
+_FAMILY_AUTHORS: dict[str, dict[str, Any]] = {
+    "cwrgp": dict(method="cwrgp", n_views=4, batch_size=256, w_size=64, cw_groups=4, emb=512),
+    "intl": dict(method="intl", batch_size=256, optimizer="sgd", momentum=0.9, lr=0.3, weight_decay=1e-4,
+                 warmup_iters=390, schedule="cosine", lr_end_factor=0.001, head_layers=3, head_hidden=2048,
+                 emb=2048, crop_scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), grayscale_p=0.2,
+                 solarize_p=(0.0, 0.2)),
+    "dbn": dict(method="dbn", batch_size=64, optimizer="sgd", momentum=0.9, lr=0.005, weight_decay=1e-3,
+                warmup_iters=3905, schedule="cosine", epochs=200, head_hidden=1024, emb=512, dbn_groups=16,
+                grayscale_p=0.2),
+    "vicreg": dict(method="vicreg", batch_size=256, emb=512),
+    "barlow": dict(method="barlow", batch_size=256, emb=512),
+}
+# Under the W-MSE protocol: the fields a method needs to work at all besides its name. CW-RGP whitens
+# emb / cw_groups channels against w_size images (its authors' 512 / 4 against 64); DBN takes the authors'
+# group of 32 channels of W-MSE's emb 64.
+_FAMILY_WMSE_PROTOCOL: dict[str, dict[str, Any]] = {
+    "cwrgp": dict(method="cwrgp", emb=512, w_size=64, cw_groups=4),
+    "intl": dict(method="intl"),
+    "dbn": dict(method="dbn", dbn_groups=2),
+    "vicreg": dict(method="vicreg"),
+    "barlow": dict(method="barlow"),
+}
+
+
+def _family_presets(table1: dict[str, Config]) -> dict[str, Config]:
+    presets = {}
+    for dataset in ("cifar10", "cifar100"):
+        base = table1[f"{dataset}-wmse2"]
+        for method, fields in _FAMILY_AUTHORS.items():
+            presets[f"{dataset}-{method}"] = base.replace(preset=f"{dataset}-{method}", **fields)
+        for method, fields in _FAMILY_WMSE_PROTOCOL.items():
+            name = f"{dataset}-{method}-wmse-protocol"
+            presets[name] = base.replace(preset=name, **fields)
+    return presets
+
+
+_TABLE1 = _table1_presets()
+PRESETS: dict[str, Config] = {**_TABLE1, "quick": _QUICK, "cifar10-quick": _CIFAR10_QUICK, "folder-wmse2": _FOLDER,
+                              **_family_presets(_TABLE1)}
+
+
+def preset_for_dataset(dataset: str | None) -> str:
+    """The preset a run without ``--preset`` is based on: the paper's W-MSE 2 recipe for its dataset
+    (``{dataset}-wmse2``), ``quick`` for Fashion-MNIST, ``folder-wmse2`` for an image folder or any
+    other dataset; CIFAR-10's when no dataset is named."""
+    dataset = dataset or "cifar10"
+    if f"{dataset}-wmse2" in PRESETS:
+        return f"{dataset}-wmse2"
+    return "quick" if dataset == "fashion_mnist" else "folder-wmse2"
 
 
 def get_preset(name: str) -> Config:
@@ -139,22 +221,36 @@ def _method_options(cfg: Config) -> str:
 
 
 # Method fields worth a column in `wmse presets` (the rest: `wmse presets --show NAME`).
-_SHOWN_OPTIONS = ("w_size", "w_iter", "temperature", "tau")
+_SHOWN_OPTIONS = ("w_size", "w_iter", "temperature", "tau", "cw_groups", "dbn_groups", "intl_iters", "lambd")
 
 
 def describe_presets() -> str:
-    """A plain-text table of every preset's main hyperparameters (for ``wmse presets``)."""
-    cols = ("preset", "method", "dataset", "arch", "size", "d", "bs", "emb", "lr", "epochs", "method options")
+    """A plain-text table of every preset's main hyperparameters, grouped by method (for ``wmse presets``)."""
+    from ..methods import METHODS
+
+    cols = ("preset", "method", "dataset", "arch", "size", "d", "bs", "emb", "optim", "lr", "epochs", "method options")
     rows = [cols]
-    for name, c in PRESETS.items():
-        rows.append((
-            name, c.method, c.dataset, c.arch, str(c.image_size), str(c.n_views), str(c.batch_size),
-            str(c.emb), f"{c.lr:g}", str(c.epochs), _method_options(c),
-        ))
+    groups = []
+    for method, cls in METHODS.items():
+        names = [n for n, c in PRESETS.items() if c.method == method]
+        if not names:
+            continue
+        groups.append((len(rows), f"{cls.title or method} ({method}): {cls.citation}"))
+        for name in names:
+            c = PRESETS[name]
+            rows.append((
+                name, c.method, c.dataset, c.arch, str(c.image_size or "auto"), str(c.n_views), str(c.batch_size), str(c.emb),
+                c.optimizer, f"{c.lr:g}", str(c.epochs), _method_options(c),
+            ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    for offset, (at, header) in enumerate(groups):
+        lines.insert(at + 2 * offset, "")
+        lines.insert(at + 2 * offset + 1, header)
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append("")
-    lines.append("Table 1 presets reproduce the official commands of htdt/self-supervised (python -m train ...);")
+    lines.append("Table 1 presets ({dataset}-{wmse2,wmse4,contrastive,byol}) reproduce the official commands of")
+    lines.append("htdt/self-supervised; {cifar10,cifar100}-{method} follow each method's authors, and")
+    lines.append("*-wmse-protocol is cifar10/100-wmse2 with only the method changed (see src/wmse/config/presets.py).")
     lines.append("Every field can be overridden on the command line; `wmse presets --show NAME` prints them all.")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..augment.recipe import RECIPE
 from .fields import Field, coerce, fields_of, parse_text
 
 __all__ = ["RunFields", "Config", "all_fields", "parse_value", "apply_overrides"]
@@ -26,34 +27,41 @@ class RunFields:
     train_split: str = "train"  # split used for pretraining
     eval_split: Optional[str] = "test"  # None -> a held-out part of train_split (see holdout)
     clf_split: Optional[str] = None  # labelled split the kNN/linear probe fit on; None -> train_split
-    holdout: float = 0.1  # fraction per class held out when eval_split is None
+    holdout: float = 0.1  # fraction per class held out when eval_split is None (and no eval_data_dir)
+    eval_data_dir: Optional[str] = None  # folder datasets: a labelled test folder or archive to score on
+    resize: Optional[int] = None  # image-file datasets: shorter side resized to this, centre crop (mixed sizes)
     preset: Optional[str] = None  # name of the preset this config came from (run names, logs)
 
     # --- model
-    image_size: int = 32  # side of training crops; selects the ResNet stem
+    image_size: Optional[int] = 32  # side of training crops; selects the ResNet stem; None: the images' side
     arch: str = "resnet18"  # a name of wmse.models.ARCHS
     emb: int = 64  # output size of the projection head
     head_hidden: int = 1024
+    head_layers: int = 2  # Linear layers of the projection head (2: Linear-BN-ReLU-Linear, W-MSE's)
     n_views: int = 2  # d: augmented views per image
     normalize: bool = True  # False: plain MSE / unnormalised logits (official --no_norm)
 
-    # --- optimisation (Adam)
+    # --- optimisation
+    optimizer: str = "adam"  # a name of wmse.optim.OPTIMIZERS: adam (the paper) | sgd
+    momentum: float = 0.9  # sgd
     epochs: int = 1000
     batch_size: int = 512  # N images per step (global), each giving n_views views
     lr: float = 3e-3
     weight_decay: float = 1e-6
     warmup_iters: int = 500  # linear lr warm-up over the first iterations
     schedule: str = "step"  # "step": x lr_drop_factor at lr_drop_epochs; "cosine"
+    lr_end_factor: float = 0.0  # cosine: the lr falls to lr * lr_end_factor at the last step
     lr_drop_epochs: Optional[tuple[int, ...]] = None  # None -> (epochs-50, epochs-25) clipped to >= 0
     lr_drop_factor: float = 0.2
 
-    # --- augmentation (official defaults; wmse.augment.AugmentConfig takes its defaults from here)
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.1
-    flip_p: float = 0.5
+    # --- augmentation (the paper's recipe: wmse.augment.recipe.RECIPE)
+    crop_scale: tuple[float, float] = RECIPE.crop_scale
+    crop_ratio: tuple[float, float] = RECIPE.crop_ratio
+    jitter: tuple[float, float, float, float] = RECIPE.jitter  # brightness, contrast, saturation, hue
+    jitter_p: float = RECIPE.jitter_p
+    grayscale_p: float = RECIPE.grayscale_p
+    flip_p: float = RECIPE.flip_p
+    solarize_p: tuple[float, ...] = RECIPE.solarize_p  # per view (the last repeats): RandomSolarize(128) after the crop
     eval_resize: Optional[int] = None  # evaluation: resize shorter side to this, then centre-crop eval_size
     eval_size: Optional[int] = None  # None -> image_size
 
@@ -65,6 +73,9 @@ class RunFields:
     seed: int = 0
     threads: Optional[int] = None  # torch CPU threads; None -> torch's default
     sync_bn: bool = False  # DDP: synchronise BatchNorm statistics across processes
+    sync_every: Optional[int] = None  # steps between host reads of the loss; >1 skips non-finite steps on the
+    #   device (fused Adam); none: 1 on the CPU, log_every on a GPU
+    augment_batches: int = 1  # batches augmented per call (amortises kernel launches on a GPU)
 
     # --- output, evaluation, checkpoints
     out_dir: str = "runs"

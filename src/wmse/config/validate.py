@@ -4,8 +4,11 @@ checks its own fields (``Method.validate_config``)."""
 
 from __future__ import annotations
 
+import math
+
+from ..augment import validate_recipe
 from ..checks import check_choice, check_min, check_range
-from .schema import Config
+from .schema import Config, all_fields
 
 __all__ = ["validate", "PRECISIONS"]
 
@@ -13,16 +16,8 @@ PRECISIONS = ("bf16", "fp32")
 
 
 def _validate_augment(cfg: Config) -> None:
-    lo, hi = cfg.crop_scale
-    if not 0.0 < lo <= hi <= 1.0:
-        raise ValueError(f"field 'crop_scale' must satisfy 0 < min <= max <= 1, got {cfg.crop_scale}")
-    lo, hi = cfg.crop_ratio
-    if not 0.0 < lo <= hi:
-        raise ValueError(f"field 'crop_ratio' must satisfy 0 < min <= max, got {cfg.crop_ratio}")
-    if any(j < 0 for j in cfg.jitter) or cfg.jitter[3] > 0.5:
-        raise ValueError(f"field 'jitter' needs non-negative strengths and hue <= 0.5, got {cfg.jitter}")
-    for name in ("jitter_p", "grayscale_p", "flip_p"):
-        check_range(name, getattr(cfg, name), 0.0, 1.0)
+    validate_recipe(cfg.crop_scale, cfg.crop_ratio, cfg.jitter, cfg.jitter_p, cfg.grayscale_p, cfg.flip_p,
+                    cfg.solarize_p)
     check_min("eval_resize", cfg.eval_resize, 1)
     check_min("eval_size", cfg.eval_size, 1)
     if cfg.eval_resize is not None and cfg.eval_size is not None and cfg.eval_resize < cfg.eval_size:
@@ -33,9 +28,9 @@ def _validate_augment(cfg: Config) -> None:
 
 
 def _validate_splits(cfg: Config) -> None:
-    from ..data import SPLITS
+    from ..data import DATASETS
 
-    known = SPLITS.get(cfg.dataset, ())
+    known = DATASETS[cfg.dataset].splits
     for name in ("train_split", "eval_split", "clf_split"):
         value = getattr(cfg, name)
         if value is not None and value not in known:
@@ -47,9 +42,16 @@ def _validate_splits(cfg: Config) -> None:
 
 
 def _validate_optimisation(cfg: Config) -> None:
+    from ..optim import OPTIMIZERS
     from ..schedule import SCHEDULES
 
+    check_choice("optimizer", cfg.optimizer, OPTIMIZERS.names())
+    check_range("momentum", cfg.momentum, 0.0, 1.0)
     check_choice("schedule", cfg.schedule, SCHEDULES)
+    check_range("lr_end_factor", cfg.lr_end_factor, 0.0, 1.0)
+    if cfg.sync_every is not None and cfg.sync_every > 1 and cfg.optimizer != "adam":
+        raise ValueError(f"sync_every > 1 skips non-finite steps with fused Adam's device-side skip; optimizer "
+                         f"{cfg.optimizer!r} has none: use --sync_every 1")
     check_min("warmup_iters", cfg.warmup_iters, 0)
     check_min("weight_decay", cfg.weight_decay, 0.0)
     if cfg.batch_size < 2:
@@ -62,27 +64,54 @@ def _validate_optimisation(cfg: Config) -> None:
         raise ValueError(f"field 'lr_drop_epochs' must be epochs >= 0, got {cfg.lr_drop_epochs}")
 
 
+def _validate_finite(cfg: Config) -> None:
+    """No NaN or infinity in any float field (``--lr nan`` would pass every range check)."""
+    for name in all_fields():
+        value = getattr(cfg, name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"field {name!r} must be a finite number, got {value}")
+
+
+def _validate_data(cfg: Config) -> None:
+    from ..data import DATASETS
+
+    check_choice("dataset", cfg.dataset, DATASETS.names())
+    _validate_splits(cfg)
+    spec = DATASETS[cfg.dataset]
+    check_min("resize", cfg.resize, 1)
+    if cfg.resize is not None and not spec.image_files:
+        files = ", ".join(n for n, s in DATASETS.items() if s.image_files)
+        raise ValueError(f"field 'resize' applies to datasets of image files ({files}), not {cfg.dataset!r}: "
+                         "its images all have one size already")
+    if cfg.eval_data_dir is not None:
+        if cfg.dataset != "folder":
+            raise ValueError(f"field 'eval_data_dir' names a test folder or archive of a 'folder' dataset; "
+                             f"{cfg.dataset!r} has named splits: use --eval_split")
+        if cfg.eval_split is not None:
+            raise ValueError("give either eval_data_dir (a test folder or archive) or eval_split, not both")
+    if cfg.eval_split is None and cfg.eval_data_dir is None and not 0.0 < cfg.holdout < 1.0:
+        raise ValueError(f"holdout must be in (0, 1) when eval_split is none, got {cfg.holdout}")
+
+
 def validate(cfg: Config) -> None:
     """Raise ValueError (naming the field and the fix) for impossible or unknown settings."""
-    from ..data import available
     from ..methods import METHODS
     from ..models import ARCHS
 
+    _validate_finite(cfg)
     check_choice("method", cfg.method, METHODS.names())
     check_choice("arch", cfg.arch, ARCHS.names())
-    check_choice("dataset", cfg.dataset, available())
-    _validate_splits(cfg)
+    _validate_data(cfg)
     check_choice("precision", cfg.precision, PRECISIONS)
-    for name in ("epochs", "batch_size", "emb", "head_hidden", "image_size"):
+    for name in ("epochs", "batch_size", "emb", "head_hidden", "head_layers", "image_size"):
         check_min(name, getattr(cfg, name), 1)
     for name in ("eval_every", "knn_k", "ckpt_every", "log_every", "linear_epochs", "nonfinite_limit"):
         check_min(name, getattr(cfg, name), 1)
-    for name in ("max_steps", "eval_max_train", "threads"):
+    for name in ("max_steps", "eval_max_train", "threads", "sync_every", "augment_batches"):
         check_min(name, getattr(cfg, name), 1)
     if cfg.n_views < 2:
         raise ValueError(f"n_views must be >= 2 (views of one image are the positives), got {cfg.n_views}")
     _validate_optimisation(cfg)
     METHODS[cfg.method].validate_config(cfg)
-    if cfg.eval_split is None and not 0.0 < cfg.holdout < 1.0:
-        raise ValueError(f"holdout must be in (0, 1) when eval_split is none, got {cfg.holdout}")
     _validate_augment(cfg)

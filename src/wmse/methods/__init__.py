@@ -13,12 +13,18 @@ from .base import METHODS, Method, ProcessContext, check_views, step_generator, 
 from .wmse import WMSE  # isort: skip
 from .contrastive import Contrastive  # isort: skip
 from .byol import BYOL, byol_tau  # isort: skip
+from .cwrgp import CWRGP  # isort: skip
+from .intl import INTL  # isort: skip
+from .dbn import ShuffledDBN  # isort: skip
+from .vicreg import VICReg  # isort: skip
+from .barlow_twins import BarlowTwins  # isort: skip
 
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["METHODS", "Method", "ProcessContext", "WMSE", "Contrastive", "BYOL", "build_method", "byol_tau",
-           "check_views", "step_generator", "view_pairs"]
+__all__ = ["METHODS", "Method", "ProcessContext", "WMSE", "Contrastive", "BYOL", "CWRGP", "INTL", "ShuffledDBN",
+           "VICReg", "BarlowTwins", "build_method", "byol_tau", "check_views", "mean_over_pairs", "step_generator",
+           "view_pairs"]
 
 
 def build_method(cfg: "Config", in_channels: int) -> Method:

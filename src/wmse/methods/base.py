@@ -37,12 +37,18 @@ from ..registry import Registry
 if TYPE_CHECKING:  # methods never import the config at runtime: the config reads them
     from ..config import Config
 
-__all__ = ["Method", "METHODS", "ProcessContext", "step_generator", "view_pairs", "check_views"]
+__all__ = ["Method", "METHODS", "ProcessContext", "step_generator", "view_pairs", "check_views", "mean_over_pairs"]
 
 
 def view_pairs(d: int) -> list[tuple[int, int]]:
     """All index pairs i < j of d views (1 pair for d=2, 6 for d=4)."""
     return [(i, j) for i in range(d) for j in range(i + 1, d)]
+
+
+def mean_over_pairs(loss: Callable[[Tensor, Tensor], Tensor], z: Sequence[Tensor]) -> Tensor:
+    """The mean of ``loss(z_i, z_j)`` over every pair i < j of the views ``z`` (a two-view loss for d views)."""
+    pairs = view_pairs(len(z))
+    return sum(loss(z[i], z[j]) for i, j in pairs) / len(pairs)
 
 
 def check_views(views: Sequence[Tensor], n_views: int | None = None) -> None:
@@ -105,6 +111,9 @@ class Method(nn.Module):
     class Options:
         """The method's own config fields (none here); subclasses declare theirs the same way."""
 
+    title: ClassVar[str] = ""  # how `wmse presets` and the README name the method
+    citation: ClassVar[str] = ""  # the paper that defines it
+
     # Submodules whose BatchNorm layers become SyncBatchNorm with --sync_bn (the backbone's stay per rank).
     sync_bn_modules: ClassVar[tuple[str, ...]] = ("head",)
 
@@ -122,7 +131,7 @@ class Method(nn.Module):
 
     @staticmethod
     def default_head(cfg: Config, backbone: nn.Module, bn_last: bool = False) -> nn.Module:
-        return ProjectionHead(backbone.out_dim, cfg.head_hidden, cfg.emb, bn_last=bn_last)
+        return ProjectionHead(backbone.out_dim, cfg.head_hidden, cfg.emb, bn_last=bn_last, layers=cfg.head_layers)
 
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
@@ -131,6 +140,11 @@ class Method(nn.Module):
     @classmethod
     def check_processes(cls, cfg: Config, world_size: int) -> None:
         """ValueError when ``cfg``'s batch cannot be split over ``world_size`` processes for this method."""
+
+    @classmethod
+    def nonfinite_hints(cls, cfg: Config) -> list[str]:
+        """Causes of a non-finite loss that ``cfg``'s settings of this method make likely (for the abort message)."""
+        return []
 
     # ------------------------------------------------------------------ the step
 
@@ -144,6 +158,11 @@ class Method(nn.Module):
     def loss(self, views: Sequence[Tensor]) -> Tensor:
         """Scalar loss of d augmented views, each (N, C, S, S) float, of the same N images."""
         raise NotImplementedError
+
+    def gathered_embeddings(self, views: Sequence[Tensor], ctx: ProcessContext) -> Tensor:
+        """Every process's embeddings of its views, as one (d, N, D) tensor of the global batch in rank order;
+        gradients flow back to each process's own part (for losses computed on the global batch)."""
+        return ctx.gather(torch.stack(self.embed(views)), 1)
 
     def distributed_loss(self, views: Sequence[Tensor], ctx: ProcessContext) -> Tensor:
         """The loss of this process's share of the batch under DDP.

@@ -41,6 +41,9 @@ class BYOL(Method):
     The loss is always the normalised MSE (the official ``--no_norm`` variant of BYOL is not offered).
     """
 
+    title = "BYOL"
+    citation = ('Grill et al., "Bootstrap Your Own Latent", NeurIPS 2020')
+
     @dataclass(frozen=True)
     class Options:
         tau: float = 0.99  # initial EMA rate of the target (official --byol_tau)

@@ -25,6 +25,10 @@ class Contrastive(Method):
     As in the official baseline the head ends with ``BatchNorm1d(emb)`` (``ProjectionHead(bn_last=True)``).
     """
 
+    title = "Contrastive (SimCLR NT-Xent)"
+    citation = ('Chen, Kornblith, Norouzi and Hinton,'
+                ' "A Simple Framework for Contrastive Learning of Visual Representations" (SimCLR), ICML 2020')
+
     @dataclass(frozen=True)
     class Options:
         temperature: float = 0.5  # NT-Xent temperature (official --tau)

@@ -29,6 +29,10 @@ class WMSE(Method):
     exceed the embedding size (``w_size >= 2 * emb`` recommended).
     """
 
+    title = "W-MSE"
+    citation = ('Ermolov, Siarohin, Sangineto and Sebe,'
+                ' "Whitening for Self-Supervised Representation Learning", ICML 2021')
+
     @dataclass(frozen=True)
     class Options:
         w_size: int = 128  # images per whitening slice
@@ -95,6 +99,16 @@ class WMSE(Method):
                 f"w_size (e.g. {world_size * cfg.w_size}), a smaller w_size, or --whiten_global true to whiten "
                 "the gathered global batch"
             )
+
+    @classmethod
+    def nonfinite_hints(cls, cfg: Config) -> list[str]:
+        hints = []
+        if cfg.w_size < 2 * cfg.emb:
+            hints.append(f"w_size ({cfg.w_size}) below 2*emb ({2 * cfg.emb}): each covariance is estimated from "
+                         "few samples (raise --w_size)")
+        if cfg.w_eps == 0.0:
+            hints.append("collapsed embeddings with no covariance shrinkage (try --w_eps 1e-4)")
+        return hints
 
     def loss_from_embeddings(
         self, emb: Sequence[Tensor] | Tensor, generator: torch.Generator | None = None

@@ -1,0 +1,61 @@
+"""Barlow Twins (Zbontar et al., ICML 2021): the cross-correlation of two views' batch-standardised projector
+outputs pulled to the identity, computed by :func:`wmse.losses.barlow_twins_loss` as facebookresearch/barlowtwins."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from ..checks import check_min
+from ..losses import barlow_twins_loss
+from .base import METHODS, Method, ProcessContext, check_views, mean_over_pairs
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+__all__ = ["BarlowTwins"]
+
+
+@METHODS.register("barlow")
+class BarlowTwins(Method):
+    """Barlow Twins over every pair of views (d = 2 in the paper), averaged over pairs.
+
+    Under DDP the embeddings are gathered and the loss is that of the whole batch, so the gradient is the
+    single-process one. (The authors all-reduce the cross-correlation with a raw ``all_reduce`` that autograd
+    does not see, which scales their gradient by 1 / world_size; the value is the same.)
+    """
+
+    title = "Barlow Twins"
+    citation = ('Zbontar, Jing, Misra, LeCun and Deny,'
+                ' "Barlow Twins: Self-Supervised Learning via Redundancy Reduction", ICML 2021')
+
+    @dataclass(frozen=True)
+    class Options:
+        lambd: float = 0.0051  # weight of the off-diagonal terms (their --lambd)
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, lambd: float = 0.0051) -> None:
+        super().__init__(backbone, head)
+        self.lambd = lambd
+
+    @classmethod
+    def from_config(cls, cfg: Config, backbone: nn.Module) -> BarlowTwins:
+        return cls(backbone, cls.default_head(cfg, backbone), cfg.lambd)
+
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        check_min("lambd", cfg.lambd, 0.0)
+
+    def _loss(self, z: Sequence[Tensor]) -> Tensor:
+        return mean_over_pairs(partial(barlow_twins_loss, lambd=self.lambd), z)
+
+    def loss(self, views: Sequence[Tensor]) -> Tensor:
+        check_views(views)
+        return self._loss(self.embed(views))
+
+    def distributed_loss(self, views: Sequence[Tensor], ctx: ProcessContext) -> Tensor:
+        check_views(views)
+        return self._loss(self.gathered_embeddings(views, ctx))

@@ -1,0 +1,81 @@
+"""CW-RGP (Weng, Huang, Yang, Zhao and Lyu, NeurIPS 2022): channel whitening (along the batch axis) within
+random group partitions of the embedding channels, normalised MSE between views; computed by
+:func:`wmse.losses.cwrgp_loss` as the authors' code (winci-ai/CW-RGP)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from ..checks import check_min
+from ..losses import cwrgp_loss
+from .base import METHODS, Method, ProcessContext, check_views
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+__all__ = ["CWRGP"]
+
+
+@METHODS.register("cwrgp")
+class CWRGP(Method):
+    """CW-RGP: slices of ``w_size`` images (as W-MSE), each whitened against each other per group of
+    ``emb / cw_groups`` channels. Each process whitens its own slices under DDP, as the authors' code."""
+
+    title = "CW-RGP"
+    citation = ('Weng, Huang, Yang, Zhao and Lyu,'
+                ' "An Investigation into Whitening Loss for Self-supervised Learning", NeurIPS 2022')
+
+    @dataclass(frozen=True)
+    class Options:
+        # w_size, w_iter and w_eps are W-MSE's fields (same meaning: images per slice, repetitions, shrinkage)
+        w_size: int = 128
+        w_iter: int = 1
+        w_eps: float = 0.0
+        cw_groups: int = 4  # channel groups whitened separately (their CIFAR runs: 4 of D = 512)
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, w_size: int = 64, groups: int = 4, w_iter: int = 1,
+                 eps: float = 0.0, normalize: bool = True) -> None:
+        super().__init__(backbone, head)
+        self.w_size, self.groups, self.w_iter, self.eps, self.normalize = w_size, groups, w_iter, eps, normalize
+
+    @classmethod
+    def from_config(cls, cfg: Config, backbone: nn.Module) -> CWRGP:
+        return cls(backbone, cls.default_head(cfg, backbone), cfg.w_size, cfg.cw_groups, cfg.w_iter, cfg.w_eps,
+                   cfg.normalize)
+
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        check_min("cw_groups", cfg.cw_groups, 1)
+        check_min("w_iter", cfg.w_iter, 1)
+        if cfg.batch_size % cfg.w_size:
+            raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of w_size ({cfg.w_size})")
+        if cfg.emb % cfg.cw_groups or cfg.emb // cfg.cw_groups <= cfg.w_size:
+            raise ValueError(f"CW-RGP whitens groups of emb / cw_groups channels against w_size images: need emb "
+                             f"({cfg.emb}) a multiple of cw_groups ({cfg.cw_groups}) and emb / cw_groups > w_size "
+                             f"({cfg.w_size}) (their CIFAR runs: emb 512, cw_groups 4, w_size 64)")
+        if not 0.0 <= cfg.w_eps < 1.0:
+            raise ValueError(f"field 'w_eps' must be in [0, 1), got {cfg.w_eps}")
+
+    @classmethod
+    def check_processes(cls, cfg: Config, world_size: int) -> None:
+        local = cfg.batch_size // world_size
+        if local % cfg.w_size:
+            raise ValueError(f"per-process batch batch_size/nproc = {local} is not a multiple of w_size "
+                             f"({cfg.w_size}): each process whitens its own slices")
+
+    def _loss(self, z: Sequence[Tensor], generator: torch.Generator | None) -> Tensor:
+        return cwrgp_loss(torch.stack(list(z)), self.w_size, self.groups, self.w_iter, self.eps, self.normalize,
+                          generator=generator)
+
+    def loss(self, views: Sequence[Tensor]) -> Tensor:
+        check_views(views)
+        return self._loss(self.embed(views), None)
+
+    def distributed_loss(self, views: Sequence[Tensor], ctx: ProcessContext) -> Tensor:
+        check_views(views)
+        return self._loss(self.embed(views), ctx.generator(shared=False))

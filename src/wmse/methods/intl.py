@@ -1,0 +1,56 @@
+"""INTL (Weng, Ni, Huang and Lyu, ICLR 2024): IterNorm of the embeddings along the batch axis, MSE between
+views plus a trace loss; computed by :func:`wmse.losses.intl_loss` as the authors' code (winci-ai/INTL)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+from torch import Tensor, nn
+
+from ..checks import check_min
+from ..losses import intl_loss
+from .base import METHODS, Method, ProcessContext, check_views
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+__all__ = ["INTL"]
+
+
+@METHODS.register("intl")
+class INTL(Method):
+    """INTL: every view IterNorm-transformed on its own, each compared with view 0. Under DDP the embeddings
+    are gathered first (the authors' IterNorm sees the global batch), so the trace-loss weight's default
+    and the gradient are those of the whole batch."""
+
+    title = "INTL"
+    citation = ('Weng, Ni, Huang and Lyu, "Modulate Your Spectrum in Self-Supervised Learning", ICLR 2024')
+
+    @dataclass(frozen=True)
+    class Options:
+        intl_iters: int = 4  # IterNorm iterations (their --iters)
+        intl_trade_off: Optional[float] = None  # trace-loss weight; none: 0.01 * (log2(batch_size) - 3)
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, iterations: int = 4,
+                 trade_off: float | None = None) -> None:
+        super().__init__(backbone, head)
+        self.iterations, self.trade_off = iterations, trade_off
+
+    @classmethod
+    def from_config(cls, cfg: Config, backbone: nn.Module) -> INTL:
+        return cls(backbone, cls.default_head(cfg, backbone), cfg.intl_iters, cfg.intl_trade_off)
+
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        check_min("intl_iters", cfg.intl_iters, 1)
+        check_min("intl_trade_off", cfg.intl_trade_off, 0.0)
+
+    def loss(self, views: Sequence[Tensor]) -> Tensor:
+        check_views(views)
+        return intl_loss(self.embed(views), self.iterations, self.trade_off)
+
+    def distributed_loss(self, views: Sequence[Tensor], ctx: ProcessContext) -> Tensor:
+        check_views(views)
+        return intl_loss(self.gathered_embeddings(views, ctx), self.iterations, self.trade_off)

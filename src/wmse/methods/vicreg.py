@@ -1,0 +1,65 @@
+"""VICReg (Bardes, Ponce and LeCun, ICLR 2022): variance-invariance-covariance regularisation of the
+projector outputs of two views, computed by :func:`wmse.losses.vicreg_loss` as facebookresearch/vicreg."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from ..checks import check_min
+from ..losses import vicreg_loss
+from .base import METHODS, Method, ProcessContext, check_views, mean_over_pairs
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+__all__ = ["VICReg"]
+
+
+@METHODS.register("vicreg")
+class VICReg(Method):
+    """VICReg over every pair of views (d = 2 in the paper), averaged over pairs.
+
+    Under DDP the views are gathered, as the authors' code does for the variance and covariance terms (their
+    invariance term is per process; its mean over processes is the gathered one), so the loss and gradient
+    are those of one process on the whole batch.
+    """
+
+    title = "VICReg"
+    citation = ('Bardes, Ponce and LeCun,'
+                ' "VICReg: Variance-Invariance-Covariance Regularization for Self-Supervised Learning", ICLR 2022')
+
+    @dataclass(frozen=True)
+    class Options:
+        sim_weight: float = 25.0  # invariance (MSE) coefficient (their --sim-coeff)
+        var_weight: float = 25.0  # variance hinge coefficient (--std-coeff)
+        cov_weight: float = 1.0  # covariance coefficient (--cov-coeff)
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, sim_weight: float = 25.0, var_weight: float = 25.0,
+                 cov_weight: float = 1.0) -> None:
+        super().__init__(backbone, head)
+        self.weights = dict(sim_weight=sim_weight, var_weight=var_weight, cov_weight=cov_weight)
+
+    @classmethod
+    def from_config(cls, cfg: Config, backbone: nn.Module) -> VICReg:
+        return cls(backbone, cls.default_head(cfg, backbone), cfg.sim_weight, cfg.var_weight, cfg.cov_weight)
+
+    @classmethod
+    def validate_config(cls, cfg: Config) -> None:
+        for name in ("sim_weight", "var_weight", "cov_weight"):
+            check_min(name, getattr(cfg, name), 0.0)
+
+    def _loss(self, z: Sequence[Tensor]) -> Tensor:
+        return mean_over_pairs(partial(vicreg_loss, **self.weights), z)
+
+    def loss(self, views: Sequence[Tensor]) -> Tensor:
+        check_views(views)
+        return self._loss(self.embed(views))
+
+    def distributed_loss(self, views: Sequence[Tensor], ctx: ProcessContext) -> Tensor:
+        check_views(views)
+        return self._loss(self.gathered_embeddings(views, ctx))

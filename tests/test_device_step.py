@@ -1,0 +1,78 @@
+"""The step without a host read (sync_every > 1: the GPU path, run here on the CPU): skipping non-finite steps
+on the device gives exactly the run that skips them on the host, and the abort comes at the same step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from wmse import train
+from wmse.checkpoint import load_checkpoint
+from wmse.errors import TrainingError
+from wmse.methods import METHODS, BYOL
+from wmse.progress import read_metrics
+
+
+@pytest.fixture
+def fused_everywhere(monkeypatch):
+    """Host-skipping runs with the same fused Adam kernel the device path uses, so both can be compared."""
+    build = train.build_optimizer
+    monkeypatch.setattr(train, "build_optimizer", lambda params, cfg, fused=False: build(params, cfg, fused=True))
+
+
+@dataclass(frozen=True)
+class _Options:
+    nan_steps: tuple[int, ...] = ()
+
+
+@pytest.fixture
+def nan_byol():
+    """BYOL (its on_step moves the target network) whose loss is NaN at given steps."""
+
+    @METHODS.register("byol_nan")
+    class NanByol(BYOL):
+        Options = _Options
+
+        @classmethod
+        def from_config(cls, cfg, backbone):
+            m = BYOL.from_config.__func__(cls, cfg, backbone)
+            m.nan_steps, m.calls = set(cfg.nan_steps), 0
+            return m
+
+        def loss(self, views):
+            self.calls += 1
+            loss = super().loss(views)
+            return loss * float("nan") if self.calls in self.nan_steps else loss
+
+    yield
+    METHODS.remove("byol_nan")
+
+
+def _run(make_config, folder, out, **kw):
+    cfg = make_config(folder, out, method="byol_nan", epochs=3, log_every=3, eval_every=100, **kw)
+    run = train.pretrain(cfg, log=lambda m: None)
+    return [(r["step"], r["loss"], r["nonfinite_skipped"]) for r in read_metrics(run) if r["kind"] == "train"], \
+        load_checkpoint(run)
+
+
+def test_device_skipping_equals_host_skipping(nan_byol, fused_everywhere, tiny_folder, tmp_path, make_config):
+    host, host_ckpt = _run(make_config, tiny_folder, tmp_path / "host", nan_steps=(2, 4, 5), sync_every=1)
+    dev, dev_ckpt = _run(make_config, tiny_folder, tmp_path / "dev", nan_steps=(2, 4, 5), sync_every=3)
+    assert [r[0] for r in dev] == [3, 6, 9] and dev[-1][2] == 3  # 3 skipped steps, counted
+    assert [(s, k) for s, _, k in dev] == [(s, k) for s, _, k in host]
+    for (_, a, _), (_, b, _) in zip(host, dev):
+        assert a == b or (a != a and b != b)
+    for k, v in host_ckpt["method"].items():  # weights, BatchNorm statistics and BYOL's target
+        torch.testing.assert_close(dev_ckpt["method"][k], v, rtol=0, atol=0, msg=k)
+    assert dev_ckpt["optimizer"]["state"][0]["step"] == host_ckpt["optimizer"]["state"][0]["step"] == 6
+
+
+def test_device_abort_is_exact(nan_byol, fused_everywhere, tiny_folder, tmp_path, make_config):
+    nan = tuple(range(4, 30))  # NaN from step 4 on: the limit of 2 is reached at step 5
+    for sync_every in (1, 4):
+        with pytest.raises(TrainingError, match=r"non-finite for 2 steps in a row \(step 5\)"):
+            _run(make_config, tiny_folder, tmp_path / f"s{sync_every}", nan_steps=nan, sync_every=sync_every,
+                 nonfinite_limit=2, ckpt_every=1)
+        assert load_checkpoint(tmp_path / f"s{sync_every}" / "run")["step"] == 3  # epoch 1's, a finite state
