@@ -21,9 +21,11 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .diagnostics import effective_rank
 from .evaluate import flatten
 
 __all__ = ["write_report", "read_jsonl"]
@@ -164,11 +166,12 @@ def _positive_share(spec: list) -> tuple[list[int], list[float]]:
 
 
 def _effective_rank(spec: list) -> float | None:
-    vals = [float(v) for v in spec if _num(v) and v > 0]
-    total = sum(vals)
-    if total <= 0:
+    """:func:`wmse.diagnostics.effective_rank` of a logged spectrum (its non-numbers left out);
+    None when no eigenvalue is positive, where the measure is undefined."""
+    vals = [float(v) for v in spec if _num(v)]
+    if not any(v > 0 for v in vals):
         return None
-    return math.exp(-sum(v / total * math.log(v / total) for v in vals))
+    return effective_rank(torch.tensor(vals, dtype=torch.float64))
 
 
 def _plot_spectrum(diags: list[dict], final: dict | None, path: Path) -> str | None:
