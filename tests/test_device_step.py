@@ -76,3 +76,30 @@ def test_device_abort_is_exact(nan_byol, fused_everywhere, tiny_folder, tmp_path
             _run(make_config, tiny_folder, tmp_path / f"s{sync_every}", nan_steps=nan, sync_every=sync_every,
                  nonfinite_limit=2, ckpt_every=1)
         assert load_checkpoint(tmp_path / f"s{sync_every}" / "run")["step"] == 3  # epoch 1's, a finite state
+
+
+def test_batches_augmented_together_resume_exactly(tiny_folder, tmp_path, make_config):
+    """augment_batches 2: two batches augmented in one call; a resume inside a chunk gives the same run."""
+    kw = dict(epochs=2, augment_batches=2, eval_every=100)
+    full = train.pretrain(make_config(tiny_folder, tmp_path / "a", **kw), log=lambda m: None)
+    part = make_config(tiny_folder, tmp_path / "b", max_steps=4, **kw)  # 3 batches an epoch: step 4 splits a chunk
+    train.pretrain(part, log=lambda m: None)
+    train.pretrain(part.replace(max_steps=None), resume=tmp_path / "b" / "run", log=lambda m: None)
+    losses = [[r["loss"] for r in read_metrics(run) if r["kind"] == "train"] for run in (full, tmp_path / "b" / "run")]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+    one = train.pretrain(make_config(tiny_folder, tmp_path / "c", epochs=2, eval_every=100), log=lambda m: None)
+    assert [r["loss"] for r in read_metrics(one) if r["kind"] == "train"][1] != losses[0][1]  # other draws
+
+
+def test_a_chunk_is_one_augmentation_call_split_by_batch(tiny_folder, tmp_path, make_config):
+    cfg = make_config(tiny_folder, tmp_path, augment_batches=2)
+    from wmse.run_data import load_run_data
+
+    data = load_run_data(cfg, log=lambda m: None)
+    job = train.build_job(cfg, train.distributed.setup(cfg), data, tmp_path, lambda m: None)
+    views = list(train.epoch_views(job, 0))
+    batches = [b for b, _ in job.loader.epoch(0)]
+    gen = torch.Generator().manual_seed(train._chunk_seed(cfg.seed, 0, 0, 0))
+    want = job.augment(torch.cat(batches[:2]), 2, generator=gen)
+    assert len(views) == 3 and torch.equal(views[1][0], want[0][32:]) and torch.equal(views[0][1], want[1][:32])
+    assert [len(v[0]) for v in views] == [32, 32, 32]

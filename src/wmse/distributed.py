@@ -195,18 +195,24 @@ def set_step(train_module: Callable, step: int) -> None:
         inner.step = step
 
 
-def agree(loss: Tensor, stop: bool, rt: Runtime) -> tuple[float, bool]:
-    """Mean loss over ranks and whether any rank wants to stop: one tiny all-reduce, the step's host read.
+def agree(loss: Tensor, flags: bool | tuple[bool, ...], rt: Runtime) -> tuple[float, bool | tuple[bool, ...]]:
+    """Mean loss over ranks and, for each flag (one bool or a tuple: a signal, a deadline), whether any rank
+    raised it: one tiny all-reduce, the step's host read.
 
     Every rank then takes the same decision (skip a non-finite step, checkpoint and stop), which DDP needs:
     a rank that skipped backward or left the loop while the others go on would hang them.
     """
+    single = isinstance(flags, bool)
+    flags = (flags,) if single else tuple(flags)
     if not rt.distributed:
-        return loss.item(), stop
-    buf = torch.stack([loss.detach().float().reshape(()), torch.tensor(float(stop), device=loss.device)])
-    dist.all_reduce(buf)
-    total, stops = buf.tolist()
-    return total / rt.world_size, stops > 0
+        total, raised = loss.item(), flags
+    else:
+        buf = torch.tensor([0.0, *map(float, flags)], device=loss.device)
+        buf[0] = loss.detach().float().reshape(())
+        dist.all_reduce(buf)
+        total, *counts = buf.tolist()
+        total, raised = total / rt.world_size, tuple(c > 0 for c in counts)
+    return total, raised[0] if single else raised
 
 
 def mean_over_ranks(loss: Tensor, rt: Runtime) -> Tensor:

@@ -9,17 +9,19 @@ Read it top to bottom: :func:`pretrain` is the whole job in stages; :func:`train
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import distributed
@@ -38,19 +40,25 @@ from .rundir import RunDirectory
 from .schedule import lr_factor
 from .whitening import fallback_count
 
-__all__ = ["pretrain", "train_one_epoch", "train_step", "TrainState", "Job", "StopFlag"]
+__all__ = ["pretrain", "build_job", "epoch_views", "train_one_epoch", "train_step", "TrainState", "Job", "StopFlag"]
 
 
 class StopFlag:
     """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the next step boundary and returns.
+    ``max_minutes`` (optional) is a deadline checked the same way.
 
     ``announce``: print the one-line notice (torchrun sends the signal to every rank; only the
     main rank says so).
     """
 
-    def __init__(self, announce: bool = True) -> None:
+    def __init__(self, announce: bool = True, max_minutes: float | None = None) -> None:
         self.signal: int | None = None
         self.announce = announce
+        self.deadline = time.monotonic() + 60 * max_minutes if max_minutes else None
+
+    def raised(self) -> tuple[bool, bool]:
+        """(a signal arrived, the deadline has passed): the flags every rank agrees on."""
+        return self.signal is not None, self.deadline is not None and time.monotonic() >= self.deadline
 
     def __call__(self, signum, frame) -> None:
         if self.signal is not None:  # second Ctrl-C: give up immediately
@@ -137,6 +145,12 @@ class TrainState:
     stop_reason: str | None = None  # set when the loop stops before the last epoch: "signal" or "max_steps=N"
     checkpoint_step: int | None = None  # step of the checkpoint on disk (None: none yet)
     window_start: float = 0.0  # when the host last read the device (img/s over the window)
+    seconds_before: float = 0.0  # training wall time of earlier invocations (a resumed run)
+    started: float = 0.0  # time.monotonic() when this invocation's loop began
+
+    def train_seconds(self) -> float:
+        """Wall time spent in the training loop so far (periodic evaluations included), over all resumes."""
+        return self.seconds_before + time.monotonic() - self.started
 
 
 @dataclass
@@ -207,7 +221,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
             raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training set ({len(data.train)} images)")
         if cfg.image_size is None:  # the images' own side (an image folder without a preset)
             cfg = cfg.replace(image_size=min(data.train.images.shape[2:]))
-        job = _build_job(cfg, rt, data, run.path, log)
+        job = build_job(cfg, rt, data, run.path, log)
         state = _restore(job, ckpt, resume) if ckpt is not None else TrainState()
         if job.sync_every > 1:
             job.flags = DeviceFlags(job.device, state.nonfinite_total)
@@ -227,8 +241,8 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
             job.progress = Progress(job.total_steps)
 
         # ============ training ============
-        job.stop = StopFlag(announce=rt.is_main)
-        state.window_start = time.perf_counter()
+        job.stop = StopFlag(announce=rt.is_main, max_minutes=cfg.max_minutes)
+        state.window_start, state.started = time.perf_counter(), time.monotonic()
         with job.stop.installed():
             for epoch in range(state.epoch, cfg.epochs):
                 t_epoch = time.perf_counter()
@@ -271,7 +285,7 @@ def _provenance(cfg: Config) -> dict:
         {k: list(v) if isinstance(v, tuple) else v for k, v in changed.items()}))}
 
 
-def _build_job(cfg: Config, rt: distributed.Runtime, data: RunData, run_dir: Path, log) -> Job:
+def build_job(cfg: Config, rt: distributed.Runtime, data: RunData, run_dir: Path, log) -> Job:
     """The method (fresh weights), its training wrapper, Adam, the augmenter and the batch loader."""
     device = rt.device
     method = build_method(cfg, data.train.images.shape[1]).to(device)
@@ -319,7 +333,8 @@ def _restore(job: Job, ckpt: dict, resume) -> TrainState:
     if job.initial_state is not None and "initial_method" in ckpt:
         job.initial_state = ckpt["initial_method"]
     state = TrainState(epoch=ckpt["epoch"], batch=ckpt["batch"], step=ckpt["step"],
-                       nonfinite_total=ckpt.get("nonfinite_total", 0), checkpoint_step=ckpt["step"])
+                       nonfinite_total=ckpt.get("nonfinite_total", 0), checkpoint_step=ckpt["step"],
+                       seconds_before=ckpt.get("train_seconds", 0.0))
     job.log(f"resumed from {resume} at epoch {state.epoch + 1}, step {state.step}")
     return state
 
@@ -344,18 +359,51 @@ def train_one_epoch(job: Job, state: TrainState, epoch: int) -> bool:
     cfg = job.cfg
     first = state.batch if epoch == state.epoch else 0
     state.epoch, state.batch = epoch, first
-    for images, _ in job.loader.epoch(epoch, start=first):
-        stopping = train_step(job, state, images)
+    for views in epoch_views(job, epoch, first):
+        signalled, late = train_step(job, state, views)
         state.batch += 1
-        if stopping or (cfg.max_steps is not None and state.step >= cfg.max_steps):
-            state.stop_reason = "signal" if stopping else f"max_steps={cfg.max_steps}"
+        done = cfg.max_steps is not None and state.step >= cfg.max_steps
+        if signalled or late or done:
+            state.stop_reason = ("signal" if signalled else f"max_minutes={cfg.max_minutes}" if late
+                                 else f"max_steps={cfg.max_steps}")
             save_checkpoint(job, state)
             return False
     return True
 
 
-def train_step(job: Job, state: TrainState, images: torch.Tensor) -> bool:
-    """One optimizer step on a batch of uint8 images; returns whether any process was signalled to stop.
+def epoch_views(job: Job, epoch: int, first: int = 0) -> Iterator[list[torch.Tensor]]:
+    """The augmented views of every batch of ``epoch`` from batch ``first`` on, one list of d views a batch.
+
+    ``augment_batches`` 1: each batch is augmented just before its step with the run's augmentation stream
+    (``job.aug_gen``, saved in checkpoints). K > 1: K batches are augmented in one call (fewer, larger
+    kernels on a GPU) with a generator seeded by (seed, rank, epoch, chunk), so a resume inside a chunk
+    re-augments it identically without saving any random state.
+    """
+    cfg, k = job.cfg, job.cfg.augment_batches
+    if k == 1:
+        for images, _ in job.loader.epoch(epoch, start=first):
+            yield job.augment(images, cfg.n_views, generator=job.aug_gen)
+        return
+    start = first - first % k
+    batches = job.loader.epoch(epoch, start=start)
+    for chunk in range(start // k, -(-job.steps_per_epoch // k)):
+        images = [b for b, _ in itertools.islice(batches, k)]
+        gen = torch.Generator(device=job.device).manual_seed(_chunk_seed(cfg.seed, job.rt.rank, epoch, chunk))
+        views = job.augment(torch.cat(images), cfg.n_views, generator=gen)
+        parts = [v.split([len(b) for b in images]) for v in views]
+        for i in range(len(images)):
+            if chunk * k + i >= first:
+                yield [p[i] for p in parts]
+
+
+def _chunk_seed(seed: int, rank: int, epoch: int, chunk: int) -> int:
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, rank, epoch, chunk]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def train_step(job: Job, state: TrainState, views: list[torch.Tensor]) -> tuple[bool, bool]:
+    """One optimizer step on the d augmented views of a batch; returns the agreed stop flags (a process was
+    signalled, the max_minutes deadline passed), all False between host reads.
 
     A non-finite loss skips the step: no update, and the buffers (BatchNorm statistics) the forward pass
     moved are put back. ``cfg.nonfinite_limit`` skipped steps in a row abort the run. With
@@ -369,12 +417,12 @@ def train_step(job: Job, state: TrainState, images: torch.Tensor) -> bool:
                             cfg.lr_drop_epochs, cfg.lr_drop_factor, cfg.lr_end_factor)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = _forward(job, images)
+    loss = _forward(job, views)
     if job.sync_every > 1:
         return _device_update(job, state, loss, lr, t0)
     # the one host read per step (finiteness needs it); under DDP the mean over ranks, and every rank
     # learns whether any rank was signalled, so all take the same branch below
-    loss_value, stopping = distributed.agree(loss, job.stop.signal is not None, job.rt)
+    loss_value, stopping = distributed.agree(loss, job.stop.raised(), job.rt)
     optimizer.zero_grad(set_to_none=True)
     if math.isfinite(loss_value):
         state.nonfinite_run = 0
@@ -392,10 +440,9 @@ def train_step(job: Job, state: TrainState, images: torch.Tensor) -> bool:
     return stopping
 
 
-def _forward(job: Job, images: torch.Tensor) -> torch.Tensor:
-    """Augmented views of ``images`` through the method: the step's loss (buffers saved first)."""
+def _forward(job: Job, views: list[torch.Tensor]) -> torch.Tensor:
+    """The views through the method: the step's loss (buffers saved first)."""
     cfg = job.cfg
-    views = job.augment(images, cfg.n_views, generator=job.aug_gen)
     if cfg.channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     job.buffers.save()
@@ -403,7 +450,7 @@ def _forward(job: Job, images: torch.Tensor) -> torch.Tensor:
         return job.train_module(views)
 
 
-def _device_update(job: Job, state: TrainState, loss: torch.Tensor, lr: float, t0: float) -> bool:
+def _device_update(job: Job, state: TrainState, loss: torch.Tensor, lr: float, t0: float) -> tuple[bool, bool]:
     """The update of a step whose skip is decided on the device; the host reads every ``sync_every`` steps."""
     cfg, optimizer, flags = job.cfg, job.optimizer, job.flags
     ok = flags.step_ok(distributed.mean_over_ranks(loss, job.rt))
@@ -416,7 +463,7 @@ def _device_update(job: Job, state: TrainState, loss: torch.Tensor, lr: float, t
     flags.update(ok, state.step + 1, cfg.nonfinite_limit)
     state.step += 1
     if state.step % job.sync_every and state.step % cfg.log_every and state.step != job.total_steps:
-        return False
+        return False, False
     loss_value, stopping = sync_flags(job, state)
     img_s = cfg.batch_size * job.sync_every / (time.perf_counter() - state.window_start)
     state.window_start = time.perf_counter()
@@ -424,14 +471,11 @@ def _device_update(job: Job, state: TrainState, loss: torch.Tensor, lr: float, t
     return stopping
 
 
-def sync_flags(job: Job, state: TrainState) -> tuple[float, bool]:
+def sync_flags(job: Job, state: TrainState) -> tuple[float, tuple[bool, bool]]:
     """Read the device's non-finite flags into ``state`` (abort if the limit was reached) and agree on a stop.
-    Returns the last loss and whether any process was signalled. With host skipping only the stop is agreed."""
+    Returns the last loss and the agreed stop flags (signal, deadline)."""
     flags = job.flags
-    if flags is None:
-        return math.nan, distributed.agree(torch.zeros((), device=job.device), job.stop.signal is not None,
-                                           job.rt)[1]
-    loss_value, stopping = distributed.agree(flags.loss, job.stop.signal is not None, job.rt)
+    loss_value, stopping = distributed.agree(flags.loss, job.stop.raised(), job.rt)
     run, total, hit = (int(t) for t in torch.stack([flags.run, flags.total, flags.hit]).tolist())
     state.nonfinite_run, state.nonfinite_total = run, total
     if hit >= 0:  # every step since was skipped: the model is the model of that step
@@ -441,7 +485,7 @@ def sync_flags(job: Job, state: TrainState) -> tuple[float, bool]:
 
 
 def _log_step(job: Job, state: TrainState, loss_value: float, lr: float, img_s: float) -> None:
-    if not job.rt.is_main:
+    if not job.rt.is_main or job.progress is None:  # other ranks, and jobs run without logging (benchmarks)
         return
     cfg = job.cfg
     job.progress.update(state.step, state.epoch, cfg.epochs, loss_value, lr, img_s)
@@ -489,6 +533,7 @@ def save_checkpoint(job: Job, state: TrainState) -> None:
             "optimizer": job.optimizer.state_dict(), "epoch": state.epoch, "batch": state.batch, "step": state.step,
             "rng": rng_ranks[0], "rng_ranks": rng_ranks, "world_size": rt.world_size,
             "config": job.cfg.to_dict(), "nonfinite_total": state.nonfinite_total,
+            "train_seconds": state.train_seconds(),
             "mean": list(job.data.mean), "std": list(job.data.std),  # so evaluation normalises exactly as training
         }
         if job.initial_state is not None:
@@ -515,7 +560,7 @@ def end_of_epoch(job: Job, state: TrainState, seconds: float) -> None:
 def _evaluate_epoch(job: Job, state: TrainState, seconds: float) -> None:
     result = knn_monitor(job.method, job.data, job.cfg, job.device, job.transform)
     diag = diagnostics_record(job.method, job.data, job.cfg, job.device, job.transform)
-    job.metrics.write("eval", state.step, epoch=state.epoch, **result)
+    job.metrics.write("eval", state.step, epoch=state.epoch, minutes=state.train_seconds() / 60, **result)
     job.metrics.write("diagnostics", state.step, epoch=state.epoch, **diag)
     if result["knn_top1"] is None:
         job.log(f"epoch {state.epoch}: {result['nonfinite_features']} evaluation features are not finite (the "

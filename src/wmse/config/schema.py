@@ -86,6 +86,7 @@ class RunFields:
     ckpt_every: int = 10  # epochs between checkpoints
     log_every: int = 50  # steps between training log lines
     max_steps: Optional[int] = None  # stop after this many steps (tests, demos)
+    max_minutes: Optional[float] = None  # stop (checkpoint, resumable) after this much training time
     nonfinite_limit: int = 10  # abort after this many consecutive non-finite losses
     final_eval: bool = False  # at the end: kNN + linear probe, trained vs random-init encoder
     linear_epochs: int = 500

@@ -110,6 +110,8 @@ def validate(cfg: Config) -> None:
         check_min(name, getattr(cfg, name), 1)
     for name in ("max_steps", "eval_max_train", "threads", "sync_every", "augment_batches"):
         check_min(name, getattr(cfg, name), 1)
+    if cfg.max_minutes is not None and cfg.max_minutes <= 0:
+        raise ValueError(f"field 'max_minutes' must be > 0, got {cfg.max_minutes}")
     if cfg.n_views < 2:
         raise ValueError(f"n_views must be >= 2 (views of one image are the positives), got {cfg.n_views}")
     _validate_optimisation(cfg)
