@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# Every GPU check in one go, for a machine with one CUDA GPU and PyTorch already installed:
-# the CUDA tests, the loss / augmentation / train-step benchmarks on the GPU, two epochs of
-# `wmse pretrain --preset cifar10-wmse2` on CIFAR-10-sized data (random pixels in the official
-# pickle format: seconds per epoch), and the quick preset on CUDA.
+# Every GPU check, as prepared commands for a machine with one CUDA GPU and PyTorch installed. Real data
+# travels as one archive: `bash benchmarks/cifar10_zip.sh` makes benchmarks/data/cifar10-train.zip (the
+# CIFAR-10 JPEG training folder, ~50 MB; carry that path to the GPU machine).
 #
-#     bash benchmarks/gpu.sh OUT_DIR [FASHION_MNIST_DIR]
+#     bash benchmarks/gpu.sh speed OUT_DIR [ZIP]   # <= 3 min: CUDA tests, the step side by side with the
+#                                                  #   official one (img/s, ratio, peak memory, MFU) for each
+#                                                  #   GPU option, two real epochs of cifar10-wmse2
+#     bash benchmarks/gpu.sh fast OUT_DIR ZIP      # <= 7 min: `wmse pretrain --preset cifar10-fast` on the
+#                                                  #   archive (pretraining + final kNN / linear), its report
+#     bash benchmarks/gpu.sh baseline OUT_DIR ZIP MINUTES   # cifar10-wmse2 for the same wall time, evaluated
+#     bash benchmarks/gpu.sh quick OUT_DIR FASHION_MNIST_DIR  # the quick preset on CUDA
 #
-# Writes OUT_DIR/gpu.log and the benchmarks' JSON files; each step has its own time limit so one
-# that hangs does not take the others with it.
+# Writes OUT_DIR/gpu.log and the JSON of each step; each step has its own time limit so one that hangs
+# does not take the others with it.
 set -u
-OUT=${1:?usage: gpu.sh OUT_DIR [FASHION_MNIST_DIR]}
-FMNIST=${2:-}
+WHAT=${1:?usage: gpu.sh speed|fast|baseline|quick OUT_DIR [ZIP|FASHION_MNIST_DIR] [MINUTES]}
+OUT=${2:?usage: gpu.sh speed|fast|baseline|quick OUT_DIR [ZIP|FASHION_MNIST_DIR] [MINUTES]}
+DATA=${3:-benchmarks/data/cifar10-train.zip}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WMSE_CACHE="$OUT/cache"
 LOG="$OUT/gpu.log"
-: > "$LOG"
+echo "=== gpu.sh $* ($(date -u +%FT%TZ))" >> "$LOG"
 
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2 start rc
@@ -28,36 +34,55 @@ step() {  # step NAME SECONDS COMMAND...
     echo "=== $name: exit $rc after $(( $(date +%s) - start )) s" | tee -a "$LOG"
 }
 
-step info 30 bash -c "nvidia-smi -L; $PY -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else \"no cuda\")'"
-step tests 150 "$PY" -m pytest tests -p no:cacheprovider -k "cuda or pinned"
-step loss 120 "$PY" benchmarks/loss.py --device "$DEVICE" --out "$OUT/loss.json"
-step augment-512 90 "$PY" benchmarks/augment.py --device "$DEVICE" --rounds 2 --reps 20 --tv-images 256 \
-    --out "$OUT/augment_512.json"
-step augment-4096 90 "$PY" benchmarks/augment.py --device "$DEVICE" --rounds 2 --reps 10 --tv-images 256 \
-    --batch 4096 --out "$OUT/augment_4096.json"
-step train-step 180 "$PY" benchmarks/train_step.py --device "$DEVICE" --synthetic --workers 12 --steps 20 \
-    --warmup 5 --precision fp32 bf16 --out "$OUT/train_step.json"
+run_json() {  # copy a run's JSON results next to the log
+    local run=$1 name=$2
+    cp "$run/final_eval.json" "$OUT/${name}_final_eval.json" 2>/dev/null
+    cp "$run/eval.json" "$OUT/${name}_eval.json" 2>/dev/null
+    cp "$run/metrics.jsonl" "$OUT/${name}_metrics.jsonl" 2>/dev/null
+    cp "$run/config.json" "$OUT/${name}_config.json" 2>/dev/null
+    cp -r "$run/report" "$OUT/${name}_report" 2>/dev/null
+}
 
-# CIFAR-10-sized data in the official pickle format (random pixels: a throughput check, not accuracy).
-CIFAR=$(mktemp -d)
-"$PY" - "$CIFAR" <<'EOF'
-import pickle, sys
-from pathlib import Path
-import numpy as np
-folder = Path(sys.argv[1]) / "cifar-10-batches-py"
-folder.mkdir(parents=True)
-rng = np.random.default_rng(0)
-for name, n in [(f"data_batch_{i}", 10000) for i in range(1, 6)] + [("test_batch", 10000)]:
-    entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
-    (folder / name).write_bytes(pickle.dumps(entry))
-(folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
-EOF
-step cifar10-epochs 240 "$PY" -m wmse pretrain --preset cifar10-wmse2 --data_dir "$CIFAR" --device "$DEVICE" \
-    --epochs 2 --final_eval false --eval_max_train 5000 --out_dir "$OUT/runs" --run_name cifar10
-if [ -n "$FMNIST" ]; then
-    step quick 240 "$PY" -m wmse pretrain --preset quick --data_dir "$FMNIST" --device "$DEVICE" \
+case "$WHAT" in
+speed)
+    step info 20 bash -c "nvidia-smi -L; nproc; $PY -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else \"no cuda\")'"
+    step tests 45 "$PY" -m pytest tests -p no:cacheprovider -q -k "cuda or pinned"
+    step train-step 100 "$PY" benchmarks/train_step.py --device "$DEVICE" --synthetic --workers 12 --batch 512 \
+        --steps 20 --windows 3 --warmup 5 --precision bf16 --variants default sync1 aug8 compile \
+        --out "$OUT/train_step.json"
+    if [ -f "$DATA" ]; then  # the loop itself on real images: seconds per epoch from metrics.jsonl
+        step cifar10-wmse2-epochs 60 "$PY" -m wmse pretrain --preset cifar10-wmse2 --dataset folder \
+            --eval_split none --data_dir "$DATA" --device "$DEVICE" --epochs 3 --eval_every 100 \
+            --final_eval false --out_dir "$OUT/runs" --run_name wmse2-epochs
+        step cifar10-fast-epochs 60 "$PY" -m wmse pretrain --preset cifar10-fast --data_dir "$DATA" \
+            --device "$DEVICE" --epochs 3 --eval_every 100 --final_eval false --out_dir "$OUT/runs" \
+            --run_name fast-epochs
+        for r in wmse2-epochs fast-epochs; do run_json "$OUT/runs/$r" "$r"; done
+    fi
+    ;;
+fast)
+    step cifar10-fast 420 "$PY" -m wmse pretrain --preset cifar10-fast --data_dir "$DATA" --device "$DEVICE" \
+        --out_dir "$OUT/runs" --run_name fast
+    step report 30 "$PY" -m wmse report "$OUT/runs/fast"
+    run_json "$OUT/runs/fast" fast
+    ;;
+baseline)
+    MINUTES=${4:?usage: gpu.sh baseline OUT_DIR ZIP MINUTES (the wall time of the fast run)}
+    step cifar10-wmse2-timed $(( ${MINUTES%.*} * 60 + 120 )) "$PY" -m wmse pretrain --preset cifar10-wmse2 \
+        --dataset folder --eval_split none --data_dir "$DATA" --device "$DEVICE" --max_minutes "$MINUTES" \
+        --eval_every 25 --out_dir "$OUT/runs" --run_name wmse2-timed
+    step evaluate 120 "$PY" -m wmse evaluate "$OUT/runs/wmse2-timed" --linear_epochs 100 --device "$DEVICE"
+    run_json "$OUT/runs/wmse2-timed" wmse2-timed
+    ;;
+quick)
+    step quick 300 "$PY" -m wmse pretrain --preset quick --data_dir "$DATA" --device "$DEVICE" \
         --out_dir "$OUT/runs" --run_name quick
-fi
-cp "$OUT"/runs/quick/final_eval.json "$OUT/quick_final_eval.json" 2>/dev/null
-rm -rf "$OUT/runs" "$CIFAR"
-echo "done" | tee -a "$LOG"
+    run_json "$OUT/runs/quick" quick
+    ;;
+*)
+    echo "unknown check $WHAT: speed, fast, baseline or quick" >&2
+    exit 2
+    ;;
+esac
+rm -rf "$OUT/runs" "$OUT/cache"
+echo "=== done $WHAT" | tee -a "$LOG"

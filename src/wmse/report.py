@@ -27,31 +27,11 @@ from matplotlib.figure import Figure
 
 from .diagnostics import effective_rank
 from .evaluate import flatten
+from .progress import read_jsonl
 
-__all__ = ["write_report", "read_jsonl"]
+__all__ = ["write_report"]
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf"]
-
-
-def read_jsonl(path: Path) -> tuple[list[dict], int]:
-    """Records of a JSON-lines file and the number of unreadable lines (a run killed while writing
-    leaves a truncated last line; the report still shows the rest)."""
-    records, bad = [], 0
-    if not path.is_file():
-        return records, bad
-    for line in path.read_text(errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(rec, dict):
-            records.append(rec)
-        else:
-            bad += 1
-    return records, bad
 
 
 def _read_json(path: Path) -> dict | None:
@@ -124,22 +104,24 @@ def _accuracy_keys(records: list[dict]) -> list[str]:
     return keys
 
 
-def _plot_knn(evals: list[dict], final: dict | None, path: Path) -> str | None:
-    """Monitored accuracies against the epoch, with the final results as dashed lines."""
+def _plot_knn(evals: list[dict], final: dict | None, path: Path, x: str = "epoch") -> str | None:
+    """Monitored accuracies against the epoch (or the training minutes, ``x="minutes"``), with the final
+    results as dashed lines."""
     keys = _accuracy_keys(evals)
-    if not keys or not any(_num(r.get("epoch")) for r in evals):
-        return "no eval records with epoch and an accuracy (knn_top1, ...) in metrics.jsonl"
+    if not keys or not any(_num(r.get(x)) for r in evals):
+        return f"no eval records with {x} and an accuracy (knn_top1, ...) in metrics.jsonl"
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.subplots()
     for i, key in enumerate(keys):
-        pts = [(r["epoch"], r[key]) for r in evals if _num(r.get("epoch")) and _num(r.get(key))]
-        ax.plot(*zip(*pts), marker="o", ms=3, color=_COLORS[i % len(_COLORS)], label=key)
+        pts = [(r[x], r[key]) for r in evals if _num(r.get(x)) and _num(r.get(key))]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, color=_COLORS[i % len(_COLORS)], label=key)
     for j, (name, val) in enumerate(_final_lines(final)):
         ax.axhline(val, ls="--", lw=1, color=_COLORS[(len(keys) + j) % len(_COLORS)],
                    label=f"final {name}: {val:.2f}")
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("training minutes (evaluations included)" if x == "minutes" else x)
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("accuracy during pretraining")
+    ax.set_title("accuracy during pretraining" + (" against wall time" if x == "minutes" else ""))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     _save(fig, path)
@@ -274,6 +256,7 @@ def write_report(run_dir: str | Path) -> Path:
     plots = {
         "loss_lr.png": _plot_loss_lr(by_kind.get("train", []), out / "loss_lr.png"),
         "knn.png": _plot_knn(by_kind.get("eval", []), finals["eval"], out / "knn.png"),
+        "knn_minutes.png": _plot_knn(by_kind.get("eval", []), finals["eval"], out / "knn_minutes.png", "minutes"),
         "spectrum.png": _plot_spectrum(by_kind.get("diagnostics", []), finals["eval"],
                                        out / "spectrum.png"),
     }
