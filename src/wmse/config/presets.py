@@ -101,7 +101,8 @@ def _table1_presets() -> dict[str, Config]:
 
 
 # quick: the README's demo. Fashion-MNIST (Debian's files, 1 channel, 28 px) with the small conv
-# net on a 2-core CPU. fp32 because CPUs without native bf16 run bf16 convolutions >10x slower.
+# net on a 2-core CPU. fp32 because CPUs without native bf16 instructions emulate bf16 convolutions, far
+# slower than fp32 (benchmarks/README.md).
 # Cosine schedule: the step schedule's drops at E-50/E-25 would fall at epoch 0 of a short run.
 # Milder crops than the official (0.2, 1): a 20 % crop of a 28 px garment loses its silhouette.
 # w_size 128 = the whole batch: one better-estimated covariance per view instead of two.
