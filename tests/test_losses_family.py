@@ -14,7 +14,6 @@ import torch.nn.functional as F
 import wmse.losses
 from wmse.losses import barlow_twins_loss, cwrgp_loss, dbn_loss, intl_loss, vicreg_loss
 from wmse.losses.barlow_twins import barlow_twins_cross_correlation, barlow_twins_objective
-from wmse.losses.dbn import stable_zca_matrix
 from wmse.losses.intl import default_trade_off
 from wmse.losses.vicreg import vicreg_terms
 from wmse.whitening import zca_matrix
@@ -427,20 +426,21 @@ def test_dbn_code_semantics():
                                dbn_loss(z1[:16], z2[:16], num_groups=2, generator=gen(2)), rtol=0, atol=0)
 
 
-def test_stable_zca_matrix_is_zca_matrix_with_a_finite_exact_gradient():
+def test_zca_matrix_is_the_floored_inverse_square_root_with_a_finite_exact_gradient():
     g = gen(21)
     mix = torch.eye(6, dtype=f64) + 0.3 * torch.randn(6, 6, generator=g, dtype=f64)
     x = torch.randn(40, 6, generator=g, dtype=f64) @ mix
     cov = x.T @ x / 40
-    torch.testing.assert_close(stable_zca_matrix(cov), zca_matrix(cov), rtol=0, atol=0)  # the same forward
-    fn = lambda v: stable_zca_matrix(v.T @ v / 40)
+    evals, evecs = torch.linalg.eigh(cov)  # a healthy spectrum: no eigenvalue at the floor
+    torch.testing.assert_close(zca_matrix(cov), (evecs * evals.rsqrt()) @ evecs.T, rtol=0, atol=1e-12)
+    fn = lambda v: zca_matrix(v.T @ v / 40)
     assert torch.autograd.gradcheck(fn, (x.clone().requires_grad_(),))
     # Near-repeated eigenvalues (a covariance of ~identity): the divided differences still give the
     # derivative, checked against central differences of the forward.
     q, _ = torch.linalg.qr(torch.randn(16, 4, generator=g, dtype=f64))
     q = (4 * q).requires_grad_()
     R = torch.randn(4, 4, generator=g, dtype=f64)
-    loss = lambda v: (stable_zca_matrix(v.T @ v / 16) * R).sum()
+    loss = lambda v: (zca_matrix(v.T @ v / 16) * R).sum()
     (grad,) = torch.autograd.grad(loss(q), q)
     h, num = 1e-6, torch.zeros(16, 4, dtype=f64)
     with torch.no_grad():
@@ -452,7 +452,7 @@ def test_stable_zca_matrix_is_zca_matrix_with_a_finite_exact_gradient():
     torch.testing.assert_close(grad, num, rtol=0, atol=1e-6)
     # A zero covariance (a collapsed batch): finite.
     z = torch.zeros(8, 3, dtype=f64, requires_grad=True)
-    (gz,) = torch.autograd.grad((stable_zca_matrix(z.T @ z / 8) * R[:3, :3]).sum(), z)
+    (gz,) = torch.autograd.grad((zca_matrix(z.T @ z / 8) * R[:3, :3]).sum(), z)
     assert torch.isfinite(gz).all()
 
 

@@ -176,13 +176,50 @@ def _whiten_cholesky(x: Tensor, eps: float) -> Tensor:
     return _CholeskyWhiten.apply(x, eps)
 
 
+class _StableZCA(torch.autograd.Function):
+    """C^{-1/2} (eigenvalues floored) with a divided-difference backward.
+
+    For W = V g(L) V^T with g(l) = max(l, f)^{-1/2} (f the floor, treated as a constant), the derivative along a
+    symmetric dC is V (F o (V^T dC V)) V^T with F_ij = (g(l_i) - g(l_j)) / (l_i - l_j) and F_ii = g'(l_i)
+    (Daleckii-Krein). Written as F_ij = -r_ij / (s_i s_j (s_i + s_j)) with s = sqrt(max(l, f)) and
+    r_ij = (max(l_i, f) - max(l_j, f)) / (l_i - l_j) in [0, 1] (1 where both are above the floor, 0 where both
+    are floored), no eigenvalue gap is ever a divisor of something that does not vanish with it.
+    """
+
+    @staticmethod
+    def forward(ctx, cov: Tensor) -> Tensor:
+        evals, evecs = torch.linalg.eigh(cov)
+        floor = _JITTER_LEVELS[0] * _jitter_scale(cov)[..., 0]  # tiny and negative (rounding) eigenvalues
+        inv_sqrt = torch.maximum(evals, floor).rsqrt()
+        ctx.save_for_backward(evals, evecs, floor)
+        return (evecs * inv_sqrt[..., None, :]) @ evecs.mT
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor) -> Tensor:
+        evals, evecs, floor = ctx.saved_tensors
+        lam = torch.maximum(evals, floor)
+        s = lam.sqrt()
+        gap = evals[..., :, None] - evals[..., None, :]
+        lam_gap = lam[..., :, None] - lam[..., None, :]
+        above = (evals > floor).to(evals.dtype)
+        same = gap == 0
+        ratio = torch.where(same, above[..., :, None] * above[..., None, :],
+                            lam_gap / torch.where(same, torch.ones_like(gap), gap))
+        F = -ratio / (s[..., :, None] * s[..., None, :] * (s[..., :, None] + s[..., None, :]))
+        g_sym = (g + g.mT) / 2
+        return evecs @ (F * (evecs.mT @ g_sym @ evecs)) @ evecs.mT
+
+
 def zca_matrix(cov: Tensor) -> Tensor:
-    """Symmetric inverse square root C^{-1/2} via eigh, eigenvalues floored for singular covariances."""
-    evals, evecs = torch.linalg.eigh(cov)
-    # Floor tiny and negative (rounding) eigenvalues; healthy ones are left exact.
-    floor = _JITTER_LEVELS[0] * _jitter_scale(cov)[..., 0]
-    inv_sqrt = torch.maximum(evals, floor).rsqrt()
-    return (evecs * inv_sqrt[..., None, :]) @ evecs.mT
+    """Symmetric inverse square root C^{-1/2} of each (..., D, D) covariance via eigh, eigenvalues floored
+    for singular covariances (healthy ones are left exact).
+
+    Differentiable at any spectrum: the backward uses divided differences (see ``_StableZCA``), equal to
+    autograd through ``eigh`` wherever that is finite, and finite where it is not (repeated eigenvalues:
+    a collapsed or duplicated batch). The floor is treated as a constant, as the Cholesky jitter is.
+    """
+    return _StableZCA.apply(cov)
 
 
 def newton_schulz_matrix(cov: Tensor, iters: int = 15) -> Tensor:

@@ -32,8 +32,8 @@ off after ``--cov_stop`` epochs); it is not part of the CIFAR method and not com
 Random draws, in their order: per repetition one ``randperm(N)`` for the slices, then for each slice and each
 view one ``randperm(D)`` for the partition (none when ``random_groups`` is False), all from ``generator``.
 
-Robustness: the ZCA uses :func:`wmse.losses.dbn.stable_zca_matrix`: the eigenvalue floor of
-:func:`wmse.whitening.zca_matrix` (their code takes ``rsqrt`` of a zero eigenvalue), and a backward that stays
+Robustness: the ZCA is :func:`wmse.whitening.zca_matrix`: an eigenvalue floor (their code takes ``rsqrt`` of a
+zero eigenvalue), and a backward that stays
 finite for repeated eigenvalues (duplicated images, collapsed embeddings).
 
 Distributed training: the CIFAR code is single-process (``nn.DataParallel`` on the backbone only, so the loss
@@ -48,8 +48,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..whitening import factor_dtype, shrink
-from .dbn import _permutation, stable_zca_matrix
+from ..whitening import factor_dtype, shrink, zca_matrix
+from .dbn import _permutation
 from .wmse import as_views, pair_mse
 
 __all__ = ["cwrgp_loss"]
@@ -135,7 +135,7 @@ def cwrgp_loss(
             x = x.gather(-1, perm[:, :, None, :].expand(d, M, w_size, D))
         A = x.view(d, M, w_size, G, k).transpose(2, 3)  # (d, M, G, w, k)
         gram = shrink(A @ A.mT / (k - 1), eps)  # (d, M, G, w, w)
-        z = (stable_zca_matrix(gram).mT @ A).transpose(2, 3).reshape(d, M, w_size, D)
+        z = (zca_matrix(gram).mT @ A).transpose(2, 3).reshape(d, M, w_size, D)
         if perm is not None:  # channels back in their original order
             z = z.gather(-1, perm.argsort(-1)[:, :, None, :].expand(d, M, w_size, D))
         return pair_mse(z, normalize)

@@ -20,10 +20,9 @@ Semantics follow the authors' code, github.com/PatrickHua/FeatureDecorrelationSS
 
 The paper's pseudo code (``models/utils/pseudo_code_for_paper.py``) is the same computation.
 
-Robustness: eigenvalues are floored exactly as :func:`wmse.whitening.zca_matrix` does (no NaN from ``rsqrt`` of
-a zero eigenvalue, which their code would give). Autograd through ``eigh`` divides by eigenvalue gaps and gives NaN
-for exactly repeated eigenvalues (a collapsed batch: all-zero covariance), so :func:`stable_zca_matrix` computes
-the same forward with a backward written with divided differences, which is finite for any spectrum.
+Robustness: :func:`wmse.whitening.zca_matrix` floors the eigenvalues (no NaN from ``rsqrt`` of a zero
+eigenvalue, which their code would give) and has a backward written with divided differences, finite for any
+spectrum (autograd through ``eigh`` divides by eigenvalue gaps: NaN for a collapsed batch).
 
 Distributed training: their ``main.py`` wraps the model in ``nn.DataParallel`` and ``main_ddp.py`` in DDP without
 any gather or SyncBatchNorm, so every device whitens its own shard of the batch. A distributed caller reproduces
@@ -37,55 +36,9 @@ import math
 import torch
 from torch import Tensor
 
-from ..whitening import _JITTER_LEVELS, _jitter_scale, factor_dtype
+from ..whitening import factor_dtype, zca_matrix
 
-__all__ = ["dbn_loss", "stable_zca_matrix"]
-
-
-class _StableZCA(torch.autograd.Function):
-    """C^{-1/2} (eigenvalues floored as in zca_matrix) with a divided-difference backward.
-
-    For W = V g(L) V^T with g(l) = max(l, f)^{-1/2} (f the floor, treated as a constant), the derivative along a
-    symmetric dC is V (F o (V^T dC V)) V^T with F_ij = (g(l_i) - g(l_j)) / (l_i - l_j) and F_ii = g'(l_i)
-    (Daleckii-Krein). Written as F_ij = -r_ij / (s_i s_j (s_i + s_j)) with s = sqrt(max(l, f)) and
-    r_ij = (max(l_i, f) - max(l_j, f)) / (l_i - l_j) in [0, 1] (1 where both are above the floor, 0 where both
-    are floored), no eigenvalue gap is ever a divisor of something that does not vanish with it.
-    """
-
-    @staticmethod
-    def forward(ctx, cov: Tensor) -> Tensor:
-        evals, evecs = torch.linalg.eigh(cov)
-        floor = _JITTER_LEVELS[0] * _jitter_scale(cov)[..., 0]  # the floor of whitening.zca_matrix
-        inv_sqrt = torch.maximum(evals, floor).rsqrt()
-        ctx.save_for_backward(evals, evecs, floor)
-        return (evecs * inv_sqrt[..., None, :]) @ evecs.mT
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g: Tensor) -> Tensor:
-        evals, evecs, floor = ctx.saved_tensors
-        lam = torch.maximum(evals, floor)
-        s = lam.sqrt()
-        gap = evals[..., :, None] - evals[..., None, :]
-        lam_gap = lam[..., :, None] - lam[..., None, :]
-        above = (evals > floor).to(evals.dtype)
-        same = gap == 0
-        ratio = torch.where(same, above[..., :, None] * above[..., None, :],
-                            lam_gap / torch.where(same, torch.ones_like(gap), gap))
-        F = -ratio / (s[..., :, None] * s[..., None, :] * (s[..., :, None] + s[..., None, :]))
-        g_sym = (g + g.mT) / 2
-        return evecs @ (F * (evecs.mT @ g_sym @ evecs)) @ evecs.mT
-
-
-def stable_zca_matrix(cov: Tensor) -> Tensor:
-    """ZCA whitening matrix C^{-1/2} of each (..., D, D) symmetric covariance, differentiable at any spectrum.
-
-    Forward: exactly :func:`wmse.whitening.zca_matrix` (``eigh``, eigenvalues floored at 1e-5 times the mean
-    variance). Backward: divided differences (see ``_StableZCA``): equal to autograd through ``eigh`` wherever
-    that is finite, and finite where that is NaN (repeated eigenvalues, e.g. a zero covariance). The floor is
-    treated as a constant, as the Cholesky jitter is.
-    """
-    return _StableZCA.apply(cov)
+__all__ = ["dbn_loss"]
 
 
 def _check_pair(z1: Tensor, z2: Tensor) -> None:
@@ -157,7 +110,7 @@ def dbn_loss(
         x = h.view(2, N, G, k).transpose(1, 2)  # (2, G, N, k)
         xc = x - x.mean(-2, keepdim=True)
         cov = xc.mT @ xc / N
-        z = (xc @ stable_zca_matrix(cov)).transpose(1, 2).reshape(2, N, D)
+        z = (xc @ zca_matrix(cov)).transpose(1, 2).reshape(2, N, D)
         if perms is not None:  # back to the original channel order
             z = z.gather(-1, perms.argsort(-1)[:, None, :].expand(2, N, D))
         return (z[0] - z[1]).pow(2).sum(-1).mean()
