@@ -50,7 +50,7 @@ from torch import Tensor
 
 from ..whitening import factor_dtype, shrink, zca_matrix
 from .dbn import _permutation
-from .wmse import as_views, pair_mse
+from .wmse import as_views, check_slices, pair_mse
 
 __all__ = ["cwrgp_loss"]
 
@@ -58,13 +58,7 @@ __all__ = ["cwrgp_loss"]
 def _check(N: int, D: int, w_size: int, num_groups: int, w_iter: int, eps: float) -> None:
     if not isinstance(w_size, int) or w_size < 2:
         raise ValueError(f"w_size must be an integer >= 2 (images per whitening slice), got {w_size!r}")
-    if w_size > N:
-        raise ValueError(f"w_size ({w_size}) is larger than the number of images N ({N}); use w_size <= N")
-    if N % w_size != 0:
-        raise ValueError(
-            f"w_size: the number of images N ({N}) must be a multiple of w_size ({w_size}); "
-            "choose a batch size that w_size divides"
-        )
+    check_slices(N, w_size)
     if not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
     if D % num_groups != 0:

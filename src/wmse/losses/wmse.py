@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..whitening import WHITENINGS, whiten
 
-__all__ = ["wmse_loss", "WMSELoss", "pair_mse", "as_views"]
+__all__ = ["wmse_loss", "WMSELoss", "pair_mse", "as_views", "check_slices"]
 
 
 def as_views(views: Sequence[Tensor] | Tensor) -> Tensor:
@@ -38,7 +38,8 @@ def as_views(views: Sequence[Tensor] | Tensor) -> Tensor:
     return stacked
 
 
-def _check_slicing(N: int, D: int, w_size: int, w_iter: int) -> None:
+def check_slices(N: int, w_size: int) -> None:
+    """ValueError unless N images cut into whole slices of ``w_size`` (W-MSE's and CW-RGP's slicing)."""
     if w_size > N:
         raise ValueError(f"w_size ({w_size}) is larger than the number of images N ({N}); use w_size <= N")
     if N % w_size != 0:
@@ -46,6 +47,10 @@ def _check_slicing(N: int, D: int, w_size: int, w_iter: int) -> None:
             f"w_size: the number of images N ({N}) must be a multiple of w_size ({w_size}); "
             "choose a batch size that w_size divides"
         )
+
+
+def _check_slicing(N: int, D: int, w_size: int, w_iter: int) -> None:
+    check_slices(N, w_size)
     if w_size <= D:
         raise ValueError(
             f"w_size ({w_size}) must be larger than the embedding size D ({D}) or the covariance is singular; "

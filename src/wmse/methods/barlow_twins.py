@@ -3,7 +3,6 @@ outputs pulled to the identity, computed by :func:`wmse.losses.barlow_twins_loss
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -12,7 +11,7 @@ from torch import Tensor, nn
 
 from ..checks import check_min
 from ..losses import barlow_twins_loss
-from .base import METHODS, Method, ProcessContext, check_views, mean_over_pairs
+from .base import METHODS, EmbeddingMethod, mean_over_pairs
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -21,7 +20,7 @@ __all__ = ["BarlowTwins"]
 
 
 @METHODS.register("barlow")
-class BarlowTwins(Method):
+class BarlowTwins(EmbeddingMethod):
     """Barlow Twins over every pair of views (d = 2 in the paper), averaged over pairs.
 
     Under DDP the embeddings are gathered and the loss is that of the whole batch, so the gradient is the
@@ -32,6 +31,8 @@ class BarlowTwins(Method):
     title = "Barlow Twins"
     citation = ('Zbontar, Jing, Misra, LeCun and Deny,'
                 ' "Barlow Twins: Self-Supervised Learning via Redundancy Reduction", ICML 2021')
+
+    gather = True  # the loss of the whole batch under DDP, as its authors
 
     @dataclass(frozen=True)
     class Options:
@@ -49,13 +50,6 @@ class BarlowTwins(Method):
     def validate_config(cls, cfg: Config) -> None:
         check_min("lambd", cfg.lambd, 0.0)
 
-    def _loss(self, z: Sequence[Tensor]) -> Tensor:
+    def embedding_loss(self, z, generator=None) -> Tensor:
         return mean_over_pairs(partial(barlow_twins_loss, lambd=self.lambd), z)
 
-    def loss(self, views: Sequence[Tensor]) -> Tensor:
-        check_views(views)
-        return self._loss(self.embed(views))
-
-    def distributed_loss(self, views: Sequence[Tensor], ctx: ProcessContext) -> Tensor:
-        check_views(views)
-        return self._loss(self.gathered_embeddings(views, ctx))

@@ -37,7 +37,7 @@ from ..registry import Registry
 if TYPE_CHECKING:  # methods never import the config at runtime: the config reads them
     from ..config import Config
 
-__all__ = ["Method", "METHODS", "ProcessContext", "step_generator", "view_pairs", "check_views", "mean_over_pairs"]
+__all__ = ["Method", "EmbeddingMethod", "METHODS", "ProcessContext", "step_generator", "view_pairs", "check_views", "mean_over_pairs"]
 
 
 def view_pairs(d: int) -> list[tuple[int, int]]:
@@ -194,6 +194,32 @@ class Method(nn.Module):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters the optimizer should update (excludes frozen ones such as BYOL's target)."""
         return (p for p in self.parameters() if p.requires_grad)
+
+
+class EmbeddingMethod(Method):
+    """A method whose loss is a function of the views' embeddings alone: :meth:`embedding_loss`.
+
+    Its multi-process behaviour is one attribute: ``gather`` True computes the loss on the embeddings of
+    the whole batch, gathered from every process (the loss and gradient of one process on the global
+    batch; random draws shared by all processes), False on each process's own embeddings (its own draws).
+    """
+
+    gather: bool = False
+
+    def embedding_loss(self, z: Sequence[Tensor] | Tensor, generator: torch.Generator | None) -> Tensor:
+        """Scalar loss of d embeddings (N, D) of the same N images (a list, or one (d, N, D) tensor);
+        ``generator`` draws the method's random choices (None: the global RNG)."""
+        raise NotImplementedError
+
+    def loss(self, views: Sequence[Tensor]) -> Tensor:
+        check_views(views, getattr(self, "n_views", None))
+        return self.embedding_loss(self.embed(views), None)
+
+    def distributed_loss(self, views: Sequence[Tensor], ctx: ProcessContext) -> Tensor:
+        check_views(views, getattr(self, "n_views", None))
+        if self.gather:
+            return self.embedding_loss(self.gathered_embeddings(views, ctx), ctx.generator(shared=True))
+        return self.embedding_loss(torch.stack(self.embed(views)), ctx.generator(shared=False))
 
 
 METHODS: Registry[Any] = Registry("method")

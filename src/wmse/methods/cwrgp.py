@@ -4,16 +4,14 @@ random group partitions of the embedding channels, normalised MSE between views;
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor, nn
 
 from ..checks import check_min
 from ..losses import cwrgp_loss
-from .base import METHODS, Method, ProcessContext, check_views
+from .base import METHODS, EmbeddingMethod
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -22,7 +20,7 @@ __all__ = ["CWRGP"]
 
 
 @METHODS.register("cwrgp")
-class CWRGP(Method):
+class CWRGP(EmbeddingMethod):
     """CW-RGP: slices of ``w_size`` images (as W-MSE), each whitened against each other per group of
     ``emb / cw_groups`` channels. Each process whitens its own slices under DDP, as the authors' code."""
 
@@ -68,14 +66,6 @@ class CWRGP(Method):
             raise ValueError(f"per-process batch batch_size/nproc = {local} is not a multiple of w_size "
                              f"({cfg.w_size}): each process whitens its own slices")
 
-    def _loss(self, z: Sequence[Tensor], generator: torch.Generator | None) -> Tensor:
-        return cwrgp_loss(torch.stack(list(z)), self.w_size, self.groups, self.w_iter, self.eps, self.normalize,
-                          generator=generator)
+    def embedding_loss(self, z, generator=None) -> Tensor:
+        return cwrgp_loss(z, self.w_size, self.groups, self.w_iter, self.eps, self.normalize, generator=generator)
 
-    def loss(self, views: Sequence[Tensor]) -> Tensor:
-        check_views(views)
-        return self._loss(self.embed(views), None)
-
-    def distributed_loss(self, views: Sequence[Tensor], ctx: ProcessContext) -> Tensor:
-        check_views(views)
-        return self._loss(self.embed(views), ctx.generator(shared=False))

@@ -5,17 +5,15 @@ each group over the batch (decorrelated batch norm), MSE between views; computed
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Optional
 
-import torch
 from torch import Tensor, nn
 
 from ..checks import check_min
 from ..losses import dbn_loss
-from .base import METHODS, Method, ProcessContext, check_views, mean_over_pairs
+from .base import METHODS, EmbeddingMethod, mean_over_pairs
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -24,7 +22,7 @@ __all__ = ["ShuffledDBN"]
 
 
 @METHODS.register("dbn")
-class ShuffledDBN(Method):
+class ShuffledDBN(EmbeddingMethod):
     """Shuffled-DBN over every pair of views (d = 2 in the paper). Each process whitens its own batch under
     DDP, as the authors' code."""
 
@@ -53,13 +51,6 @@ class ShuffledDBN(Method):
                              f"({cfg.emb}) a multiple of dbn_groups ({groups}) and emb / dbn_groups < batch_size "
                              f"({cfg.batch_size})")
 
-    def _loss(self, z: Sequence[Tensor], generator: torch.Generator | None) -> Tensor:
+    def embedding_loss(self, z, generator=None) -> Tensor:
         return mean_over_pairs(partial(dbn_loss, num_groups=self.groups, generator=generator), z)
 
-    def loss(self, views: Sequence[Tensor]) -> Tensor:
-        check_views(views)
-        return self._loss(self.embed(views), None)
-
-    def distributed_loss(self, views: Sequence[Tensor], ctx: ProcessContext) -> Tensor:
-        check_views(views)
-        return self._loss(self.embed(views), ctx.generator(shared=False))

@@ -3,7 +3,6 @@ views plus a trace loss; computed by :func:`wmse.losses.intl_loss` as the author
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -11,7 +10,7 @@ from torch import Tensor, nn
 
 from ..checks import check_min
 from ..losses import intl_loss
-from .base import METHODS, Method, ProcessContext, check_views
+from .base import METHODS, EmbeddingMethod
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -20,13 +19,15 @@ __all__ = ["INTL"]
 
 
 @METHODS.register("intl")
-class INTL(Method):
+class INTL(EmbeddingMethod):
     """INTL: every view IterNorm-transformed on its own, each compared with view 0. Under DDP the embeddings
     are gathered first (the authors' IterNorm sees the global batch), so the trace-loss weight's default
     and the gradient are those of the whole batch."""
 
     title = "INTL"
     citation = ('Weng, Ni, Huang and Lyu, "Modulate Your Spectrum in Self-Supervised Learning", ICLR 2024')
+
+    gather = True  # IterNorm of the whole batch under DDP, as its authors
 
     @dataclass(frozen=True)
     class Options:
@@ -47,10 +48,5 @@ class INTL(Method):
         check_min("intl_iters", cfg.intl_iters, 1)
         check_min("intl_trade_off", cfg.intl_trade_off, 0.0)
 
-    def loss(self, views: Sequence[Tensor]) -> Tensor:
-        check_views(views)
-        return intl_loss(self.embed(views), self.iterations, self.trade_off)
-
-    def distributed_loss(self, views: Sequence[Tensor], ctx: ProcessContext) -> Tensor:
-        check_views(views)
-        return intl_loss(self.gathered_embeddings(views, ctx), self.iterations, self.trade_off)
+    def embedding_loss(self, z, generator=None) -> Tensor:
+        return intl_loss(z, self.iterations, self.trade_off)

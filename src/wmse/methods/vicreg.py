@@ -3,7 +3,6 @@ projector outputs of two views, computed by :func:`wmse.losses.vicreg_loss` as f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -12,7 +11,7 @@ from torch import Tensor, nn
 
 from ..checks import check_min
 from ..losses import vicreg_loss
-from .base import METHODS, Method, ProcessContext, check_views, mean_over_pairs
+from .base import METHODS, EmbeddingMethod, mean_over_pairs
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -21,7 +20,7 @@ __all__ = ["VICReg"]
 
 
 @METHODS.register("vicreg")
-class VICReg(Method):
+class VICReg(EmbeddingMethod):
     """VICReg over every pair of views (d = 2 in the paper), averaged over pairs.
 
     Under DDP the views are gathered, as the authors' code does for the variance and covariance terms (their
@@ -32,6 +31,8 @@ class VICReg(Method):
     title = "VICReg"
     citation = ('Bardes, Ponce and LeCun,'
                 ' "VICReg: Variance-Invariance-Covariance Regularization for Self-Supervised Learning", ICLR 2022')
+
+    gather = True  # the loss of the whole batch under DDP, as its authors
 
     @dataclass(frozen=True)
     class Options:
@@ -53,13 +54,6 @@ class VICReg(Method):
         for name in ("sim_weight", "var_weight", "cov_weight"):
             check_min(name, getattr(cfg, name), 0.0)
 
-    def _loss(self, z: Sequence[Tensor]) -> Tensor:
+    def embedding_loss(self, z, generator=None) -> Tensor:
         return mean_over_pairs(partial(vicreg_loss, **self.weights), z)
 
-    def loss(self, views: Sequence[Tensor]) -> Tensor:
-        check_views(views)
-        return self._loss(self.embed(views))
-
-    def distributed_loss(self, views: Sequence[Tensor], ctx: ProcessContext) -> Tensor:
-        check_views(views)
-        return self._loss(self.gathered_embeddings(views, ctx))

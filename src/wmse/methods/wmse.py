@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..checks import check_choice, check_min
 from ..losses import wmse_loss
 from ..whitening import WHITENINGS
-from .base import METHODS, Method, ProcessContext, check_views
+from .base import METHODS, EmbeddingMethod
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -22,7 +22,7 @@ __all__ = ["WMSE"]
 
 
 @METHODS.register("wmse")
-class WMSE(Method):
+class WMSE(EmbeddingMethod):
     """W-MSE: whiten each view's embeddings in slices of ``w_size`` images, then MSE between views.
 
     ``n_views`` is d (2 or 4); the batch size N must be a multiple of ``w_size`` and ``w_size`` must
@@ -60,7 +60,9 @@ class WMSE(Method):
             raise ValueError(f"w_iter must be >= 1, got {w_iter}")
         self.n_views, self.w_size, self.w_iter = n_views, w_size, w_iter
         self.eps, self.normalize, self.whitening = eps, normalize, whitening
-        self.whiten_global = whiten_global
+        # Under DDP: slices of the gathered global batch from one shared permutation (the single-process loss
+        # of the whole batch), or, by default, per-process slices of the local images.
+        self.gather = whiten_global
 
     @classmethod
     def from_config(cls, cfg: Config, backbone: nn.Module) -> WMSE:
@@ -120,16 +122,4 @@ class WMSE(Method):
         views = emb if isinstance(emb, Tensor) else list(emb)
         return wmse_loss(views, self.w_size, self.w_iter, self.eps, self.normalize, self.whitening, generator)
 
-    def loss(self, views: Sequence[Tensor]) -> Tensor:
-        check_views(views, self.n_views)
-        return self.loss_from_embeddings(self.embed(views))
-
-    def distributed_loss(self, views: Sequence[Tensor], ctx: ProcessContext) -> Tensor:
-        """Per-process slices of the local images (default), or, with ``whiten_global``, slices of the gathered
-        global batch drawn from one permutation shared by all processes: the mean over processes is then the
-        single-process loss of the whole batch, and so is the gradient."""
-        check_views(views, self.n_views)
-        emb = torch.stack(self.embed(views))  # (d, n, D)
-        if self.whiten_global:
-            return self.loss_from_embeddings(ctx.gather(emb, 1), generator=ctx.generator(shared=True))
-        return self.loss_from_embeddings(emb, generator=ctx.generator(shared=False))
+    embedding_loss = loss_from_embeddings
