@@ -421,3 +421,26 @@ def test_a_checkpoint_of_the_earlier_format_resumes_and_evaluates(tiny_folder, t
     assert wmse("pretrain", "--resume", run, env=env).returncode == 0
     assert load_checkpoint(run)["step"] == 6
     assert wmse("evaluate", run, "--linear_epochs", "2", env=env).returncode == 0
+
+
+def test_a_folder_dataset_scores_on_its_own_test_archive(tiny_folder, tmp_path, env):
+    """--eval_data_dir: the classifiers fit on all of --data_dir and are scored on the named test folder or
+    archive, in the final evaluation and in `wmse evaluate` alike; misuse is one line."""
+    import zipfile
+
+    archive = tmp_path / "test.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in sorted(tiny_folder.rglob("*.png"))[::4]:
+            z.write(p, f"test/{p.parent.name}/{p.name}")
+    run = tmp_path / "r"
+    proc = wmse("pretrain", *TINY, "--data_dir", tiny_folder, "--eval_data_dir", archive, "--out_dir", tmp_path,
+                "--run_name", "r", "--epochs", "1", "--final_eval", "true", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    note = json.loads((run / "final_eval.json").read_text())["note"]
+    assert f"scored on {archive} (32 images)" in note and "(128 labelled images)" in note
+    proc = wmse("evaluate", run, "--linear_epochs", "2", env=env)
+    assert proc.returncode == 0 and f"scored on {archive}" in json.loads((run / "eval.json").read_text())["note"]
+    assert_one_line_error(wmse("pretrain", "--preset", "quick", "--eval_data_dir", archive, env=env), 2,
+                          "eval_data_dir", "fashion_mnist")
+    assert_one_line_error(wmse("pretrain", *TINY, "--data_dir", tiny_folder, "--eval_data_dir", archive,
+                               "--eval_split", "train", env=env), 2, "eval_data_dir", "eval_split")

@@ -127,3 +127,36 @@ def test_stop_flag_is_announced_by_the_main_rank_only(capsys):
     assert loud.signal == signal.SIGINT and "SIGINT: saving a checkpoint" in capsys.readouterr().err
     with pytest.raises(KeyboardInterrupt):  # a second signal gives up at once
         loud(signal.SIGINT, None)
+
+
+def test_the_cpu_loop_is_the_plain_sequence_of_steps(tiny_folder, tmp_path, make_config):
+    """The training loop on the CPU is exactly: seed, build, then per batch the lr of the schedule, d views
+    from the augmentation stream, the loss, Adam. Written out here without wmse.train, it must give the
+    same losses bit for bit (what the loop's machinery - stages, guards, skips, host reads - may not change)."""
+    from wmse.augment import AugmentConfig, Augmenter
+    from wmse.data.loader import BatchLoader
+    from wmse.methods import build_method
+    from wmse.run_data import load_run_data
+    from wmse.schedule import lr_factor
+
+    cfg = make_config(tiny_folder, tmp_path, epochs=2, eval_every=100)
+    logged = losses(pretrain(cfg, log=lambda m: None))
+    torch.manual_seed(cfg.seed)
+    data = load_run_data(cfg, log=lambda m: None)
+    method = build_method(cfg, 3)
+    opt = torch.optim.Adam(method.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    augment = Augmenter(AugmentConfig(size=cfg.image_size), data.mean, data.std)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = BatchLoader(data.train.images, cfg.batch_size, seed=cfg.seed)
+    plain, step = [], 0
+    for epoch in range(cfg.epochs):
+        for images, _ in loader.epoch(epoch):
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, len(loader), cfg.epochs, cfg.warmup_iters, cfg.schedule)
+            loss = method(augment(images, cfg.n_views, generator=gen))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            plain.append(loss.item())
+            step += 1
+    assert plain == logged and len(plain) == 6
