@@ -302,7 +302,7 @@ def test_embed_on_a_full_disk_leaves_no_partial_files(tiny_folder, tmp_path, env
                 "--epochs", "1", "--max_steps", "1", env=env).returncode == 0
     out = tmp_path / "emb"
     proc = wmse("embed", run, "--out", out, env=env, preexec_fn=_file_size_limit(20_000))
-    assert_one_line_error(proc, 2)
+    assert_one_line_error(proc, 2, str(out), "File too large")
     assert not out.exists() or not [p for p in out.iterdir()]
     blocker = tmp_path / "file"
     blocker.write_text("x")
