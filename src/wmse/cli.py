@@ -46,15 +46,16 @@ _NEW_RUN_ONLY = ("out_dir", "run_name")
 
 
 def _resume_config(run: str, overrides: dict[str, str]):
-    """The config to resume ``run`` with: the run's own, without the earlier invocation's max_steps (a stop
-    condition, not part of the recipe: ``--max_steps`` sets a new one), plus the command line's changes."""
+    """The config to resume ``run`` with: the run's own, without the earlier invocation's max_steps and
+    max_minutes (stop conditions, not part of the recipe: give them again to set new ones), plus the command
+    line's changes."""
     from .checkpoint import load_checkpoint
     from .config import Config
 
     refused = [f"--{k}" for k in overrides if k in _NEW_RUN_ONLY]
     if refused:
         raise UsageError(f"{', '.join(refused)} cannot change on --resume: the run continues in its own directory")
-    return Config.from_dict(load_checkpoint(run)["config"]).replace(max_steps=None)
+    return Config.from_dict(load_checkpoint(run)["config"]).replace(max_steps=None, max_minutes=None)
 
 
 def _new_config(preset: str | None, overrides: dict[str, str]):
@@ -64,7 +65,7 @@ def _new_config(preset: str | None, overrides: dict[str, str]):
     if preset is None:
         dataset = parse_value("dataset", overrides["dataset"]) if "dataset" in overrides else None
         preset = preset_for_dataset(dataset)
-        print(f"wmse pretrain: no --preset given: using {preset}, the paper's W-MSE 2 recipe for "
+        print(f"wmse pretrain: no --preset given: using {preset}, the W-MSE 2 recipe for "
               f"{'--dataset ' + dataset if dataset else 'CIFAR-10'} (`wmse presets --show {preset}` lists it)",
               file=sys.stderr)
     return get_preset(preset)
