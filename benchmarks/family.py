@@ -5,7 +5,8 @@ the method and the fields it needs changed; kNN and linear accuracy against the 
     python benchmarks/family.py --preset cifar10-quick --data_dir DIR --out OUT  # GPU: CIFAR-10, short budget
 
 Each method runs as `wmse pretrain --preset PRESET --method NAME ...` in its own process; the table (markdown)
-and benchmarks/results/family_<preset>.json hold the accuracies and the wall time of each run.
+and benchmarks/results/family_<preset>.json (family_<preset>_<names>.json with --only) hold the accuracies and
+the wall time of each run.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)
-    (results / f"family_{args.preset}.json").write_text(json.dumps({"cpu": cpu_name(), "rows": rows}, indent=2))
+    name = f"family_{args.preset}" + (f"_{'_'.join(args.only)}" if args.only else "")
+    (results / f"{name}.json").write_text(json.dumps({"cpu": cpu_name(), "rows": rows}, indent=2))
     print("\n| method | kNN top-1 | (random init) | linear top-1 | (random init) | wall |")
     print("|---|---|---|---|---|---|")
     for r in rows:
