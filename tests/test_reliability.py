@@ -133,7 +133,7 @@ def test_a_startup_error_leaves_no_run_directory(tmp_path, env):
     proc = wmse("pretrain", *TINY, "--data_dir", tmp_path / "missing", "--out_dir", tmp_path / "runs",
                 "--run_name", "r", env=env)
     assert_one_line_error(proc, 2, "--data_dir")
-    assert not (tmp_path / "runs" / "r").exists()
+    assert not (tmp_path / "runs").exists()  # neither the run directory nor the --out_dir made for it
 
 
 # ---------------------------------------------------------------------------------------------------------

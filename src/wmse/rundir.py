@@ -32,9 +32,10 @@ LOCK_NAME = ".lock"
 class RunDirectory:
     """The directory of one run (see the module docstring). Use :meth:`create` or :meth:`existing`."""
 
-    def __init__(self, path: Path, created: bool) -> None:
+    def __init__(self, path: Path, created: bool, parent_created: bool = False) -> None:
         self.path = Path(path)
         self.created = created  # made by this process: removed again if the run fails before writing
+        self.parent_created = parent_created  # --out_dir made for it: removed too when left empty
         self._lock_fd: int | None = None
 
     # ------------------------------------------------------------------ opening
@@ -43,6 +44,7 @@ class RunDirectory:
     def create(cls, out_dir: str | Path, name: str | None, default_stem: str) -> RunDirectory:
         """A new directory ``out_dir/name``; without a name, ``out_dir/<default_stem>-<time stamp>``."""
         parent = Path(out_dir).expanduser()
+        parent_created = not parent.exists()
         parent.mkdir(parents=True, exist_ok=True)
         if name is not None:
             path = parent / name
@@ -52,13 +54,13 @@ class RunDirectory:
                 raise ValueError(f"run directory {path} already exists: a new run never writes into another "
                                  f"run's directory; pick another --run_name, or continue that run with "
                                  f"`wmse pretrain --resume {path}`") from None
-            return cls(path, created=True)
+            return cls(path, created=True, parent_created=parent_created)
         stem = f"{default_stem}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
         for i in range(1, 1000):
             path = parent / (stem if i == 1 else f"{stem}-{i}")
             try:
                 path.mkdir()
-                return cls(path, created=True)
+                return cls(path, created=True, parent_created=parent_created)
             except FileExistsError:
                 continue
         raise ValueError(f"{parent} holds 999 runs named {stem}*; pass --run_name")
@@ -96,6 +98,11 @@ class RunDirectory:
         """Release the lock; with ``failed``, remove a directory this process made if it holds nothing yet."""
         if failed and self.created and not self.has_output():
             shutil.rmtree(self.path, ignore_errors=True)
+            if self.parent_created:
+                try:
+                    self.path.parent.rmdir()  # only if empty: another run may have started there since
+                except OSError:
+                    pass
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
