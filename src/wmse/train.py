@@ -419,7 +419,7 @@ def train_step(job: Job, state: TrainState, views: list[torch.Tensor]) -> tuple[
         group["lr"] = lr
     loss = _forward(job, views)
     if job.sync_every > 1:
-        return _device_update(job, state, loss, lr, t0)
+        return _device_update(job, state, loss, lr)
     # the one host read per step (finiteness needs it); under DDP the mean over ranks, and every rank
     # learns whether any rank was signalled, so all take the same branch below
     loss_value, stopping = distributed.agree(loss, job.stop.raised(), job.rt)
@@ -450,7 +450,7 @@ def _forward(job: Job, views: list[torch.Tensor]) -> torch.Tensor:
         return job.train_module(views)
 
 
-def _device_update(job: Job, state: TrainState, loss: torch.Tensor, lr: float, t0: float) -> tuple[bool, bool]:
+def _device_update(job: Job, state: TrainState, loss: torch.Tensor, lr: float) -> tuple[bool, bool]:
     """The update of a step whose skip is decided on the device; the host reads every ``sync_every`` steps."""
     cfg, optimizer, flags = job.cfg, job.optimizer, job.flags
     ok = flags.step_ok(distributed.mean_over_ranks(loss, job.rt))
