@@ -137,7 +137,7 @@ def run_wmse(images: np.ndarray, args) -> dict:
     from wmse.config import get_preset
     from wmse.data import ImageDataset
     from wmse.distributed import Runtime
-    from wmse.run_data import RunData
+    from wmse.splits import RunData
 
     device = torch.device(args.device)
     cfg = get_preset("cifar10-wmse2").replace(

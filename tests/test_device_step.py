@@ -93,7 +93,7 @@ def test_batches_augmented_together_resume_exactly(tiny_folder, tmp_path, make_c
 
 def test_a_chunk_is_one_augmentation_call_split_by_batch(tiny_folder, tmp_path, make_config):
     cfg = make_config(tiny_folder, tmp_path, augment_batches=2)
-    from wmse.run_data import load_run_data
+    from wmse.splits import load_run_data
 
     data = load_run_data(cfg, log=lambda m: None)
     job = train.build_job(cfg, train.distributed.setup(cfg), data, tmp_path, lambda m: None)

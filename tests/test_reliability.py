@@ -22,7 +22,7 @@ from PIL import Image
 from wmse.checkpoint import load_checkpoint
 from wmse.methods import METHODS, WMSE
 from wmse.progress import read_metrics
-from wmse.rundir import RunDirectory
+from wmse.run_directory import RunDirectory
 
 TINY = ["--preset", "cifar10-quick", "--arch", "small", "--image_size", "16", "--emb", "8", "--head_hidden", "32",
         "--w_size", "16", "--batch_size", "32", "--precision", "fp32", "--final_eval", "false", "--threads", "1",

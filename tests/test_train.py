@@ -136,7 +136,7 @@ def test_the_cpu_loop_is_the_plain_sequence_of_steps(tiny_folder, tmp_path, make
     from wmse.augment import AugmentConfig, Augmenter
     from wmse.data.loader import BatchLoader
     from wmse.methods import build_method
-    from wmse.run_data import load_run_data
+    from wmse.splits import load_run_data
     from wmse.schedule import lr_factor
 
     cfg = make_config(tiny_folder, tmp_path, epochs=2, eval_every=100)

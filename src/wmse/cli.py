@@ -110,7 +110,7 @@ def _no_extra(extra: list[str]) -> None:
 
 
 def cmd_evaluate(args, extra: list[str]) -> int:
-    from .runs import evaluate_run
+    from .trained import evaluate_run
 
     _no_extra(extra)
     evaluate_run(args.run, dataset=args.dataset, data_dir=args.data_dir, head=args.head,
@@ -119,7 +119,7 @@ def cmd_evaluate(args, extra: list[str]) -> int:
 
 
 def cmd_embed(args, extra: list[str]) -> int:
-    from .runs import embed_run
+    from .trained import embed_run
 
     _no_extra(extra)
     files = embed_run(args.run, out_dir=args.out, split=args.split, dataset=args.dataset, data_dir=args.data_dir,

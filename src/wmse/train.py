@@ -34,9 +34,9 @@ from .errors import RunStopped, TrainingError
 from .methods import METHODS, Method, build_method
 from .optim import build_optimizer
 from .progress import MetricsLog, Progress
-from .run_data import RunData, load_run_data
-from .run_eval import diagnostics_record, final_evaluation, format_final, knn_monitor, make_eval_transform
-from .rundir import RunDirectory
+from .splits import RunData, load_run_data
+from .scoring import diagnostics_record, final_evaluation, format_final, knn_monitor, make_eval_transform
+from .run_directory import RunDirectory
 from .schedule import lr_factor
 from .whitening import fallback_count
 

@@ -49,7 +49,7 @@ def _unpickle(path: Path) -> dict:
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
 
 
-def _cifar_dir(root: Path, sub: str, marker: str) -> Path:
+def _find_dataset_dir(root: Path, sub: str, marker: str) -> Path:
     """``root/<sub>``, or ``root`` itself when it already is that directory."""
     return root if (root / marker).exists() and not (root / sub).exists() else root / sub
 
@@ -63,7 +63,7 @@ def _read_cifar(root: Path, split: str, opts: ReadOptions, hundred: bool) -> Ima
         sub, url, md5 = "cifar-10-batches-py", CIFAR10_URL, CIFAR10_MD5
         batches = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}[split]
         meta_name, names_key, label_key = "batches.meta", "label_names", "labels"
-    folder = _cifar_dir(root, sub, meta_name)
+    folder = _find_dataset_dir(root, sub, meta_name)
     expected = [folder / b for b in batches] + [folder / meta_name]
     ensure_archive("cifar100" if hundred else "cifar10", expected, url, md5, root, opts.download)
     data, labels = [], []
@@ -104,7 +104,7 @@ def _stl_images(path: Path) -> torch.Tensor:
 @register_dataset("stl10", ("train", "test", "unlabeled", "train+unlabeled"),
                   ((0.43, 0.42, 0.39), (0.27, 0.26, 0.27)))
 def _read_stl10(root: Path, split: str, opts: ReadOptions) -> ImageDataset:
-    folder = _cifar_dir(root, "stl10_binary", "class_names.txt")
+    folder = _find_dataset_dir(root, "stl10_binary", "class_names.txt")
     parts = {"train": ["train"], "test": ["test"], "unlabeled": ["unlabeled"],
              "train+unlabeled": ["train", "unlabeled"]}[split]
     expected = [folder / f"{p}_X.bin" for p in parts] + [folder / f"{p}_y.bin" for p in parts if p != "unlabeled"]
@@ -247,7 +247,7 @@ def _tiny_from_zip(arc: Archive, split: str) -> Listing:
 def _read_tiny_imagenet(root: Path, split: str, opts: ReadOptions) -> ImageDataset:
     name = f"tiny_imagenet/{split}"
     archive = root if is_archive(root) and root.is_file() else root / "tiny-imagenet-200.zip"
-    folder = _cifar_dir(root, "tiny-imagenet-200", "wnids.txt")
+    folder = _find_dataset_dir(root, "tiny-imagenet-200", "wnids.txt")
     if not (folder / "wnids.txt").exists() and archive.is_file():  # the zip as downloaded, not extracted
         return _from_archive(archive, lambda arc: _tiny_from_zip(arc, split), name, opts, name)
 

@@ -14,7 +14,7 @@ from .config import Config
 from .diagnostics import embedding_diagnostics, nonfinite_rows
 from .evaluate import extract_features, knn_accuracy, linear_probe
 from .methods import Method
-from .run_data import RunData
+from .splits import RunData
 
 __all__ = ["make_eval_transform", "encode", "subsample", "knn_monitor", "diagnostics_record", "final_evaluation",
            "format_final"]

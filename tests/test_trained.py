@@ -10,7 +10,7 @@ import torch
 from wmse.checkpoint import save_atomic
 from wmse.cli import main
 from wmse.models import torchvision_resnet
-from wmse.runs import embed_run, evaluate_run, load_exported_backbone, load_run
+from wmse.trained import embed_run, evaluate_run, load_exported_backbone, load_run
 from wmse.train import pretrain
 
 

@@ -23,8 +23,8 @@ from .methods import Method, build_method
 from .device import resolve_device
 from .diagnostics import nonfinite_rows
 from .fileio import write_atomic, write_text_atomic
-from .run_data import load_run_data, normalization_stats
-from .run_eval import encode, make_eval_transform
+from .splits import load_run_data, normalization_stats
+from .scoring import encode, make_eval_transform
 
 
 @dataclass
