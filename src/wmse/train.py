@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import distributed
@@ -38,6 +37,7 @@ from .splits import RunData, load_run_data
 from .scoring import diagnostics_record, final_evaluation, format_final, knn_monitor, make_eval_transform
 from .run_directory import RunDirectory
 from .schedule import lr_factor
+from .seeding import derive_seed
 from .whitening import fallback_count
 
 __all__ = ["pretrain", "build_job", "epoch_views", "train_one_epoch", "train_step", "TrainState", "Job", "StopFlag"]
@@ -162,7 +162,7 @@ class Job:
     log: Callable[[str], None]
     data: RunData
     method: Method
-    train_module: Callable  # views -> loss: the method itself, or its DDP wrapper
+    train_module: Callable  # (views, ctx) -> loss: the method itself, or its DDP wrapper
     optimizer: torch.optim.Optimizer
     augment: Augmenter
     aug_gen: torch.Generator
@@ -329,7 +329,6 @@ def _restore(job: Job, ckpt: dict, resume) -> TrainState:
         job.log(f"note: the checkpoint was written by {written_by} process(es), this run has {rt.world_size}: "
                 "batches are the same, augmentations after the resume differ from an uninterrupted run")
     set_rng_state(rank_rng_state(ckpt, rt.rank, job.aug_gen), job.aug_gen)
-    distributed.set_step(job.train_module, ckpt["step"])
     if job.initial_state is not None and "initial_method" in ckpt:
         job.initial_state = ckpt["initial_method"]
     state = TrainState(epoch=ckpt["epoch"], batch=ckpt["batch"], step=ckpt["step"],
@@ -376,7 +375,7 @@ def epoch_views(job: Job, epoch: int, first: int = 0) -> Iterator[list[torch.Ten
 
     ``augment_batches`` 1: each batch is augmented just before its step with the run's augmentation stream
     (``job.aug_gen``, saved in checkpoints). K > 1: K batches are augmented in one call (fewer, larger
-    kernels on a GPU) with a generator seeded by (seed, rank, epoch, chunk), so a resume inside a chunk
+    kernels on a GPU) with a generator seeded by (seed, "augment chunk", rank, epoch, chunk), so a resume inside a chunk
     re-augments it identically without saving any random state.
     """
     cfg, k = job.cfg, job.cfg.augment_batches
@@ -388,17 +387,12 @@ def epoch_views(job: Job, epoch: int, first: int = 0) -> Iterator[list[torch.Ten
     batches = job.loader.epoch(epoch, start=start)
     for chunk in range(start // k, -(-job.steps_per_epoch // k)):
         images = [b for b, _ in itertools.islice(batches, k)]
-        gen = torch.Generator(device=job.device).manual_seed(_chunk_seed(cfg.seed, job.rt.rank, epoch, chunk))
+        gen = torch.Generator(device=job.device).manual_seed(derive_seed(cfg.seed, "augment chunk", job.rt.rank, epoch, chunk))
         views = job.augment(torch.cat(images), cfg.n_views, generator=gen)
         parts = [v.split([len(b) for b in images]) for v in views]
         for i in range(len(images)):
             if chunk * k + i >= first:
                 yield [p[i] for p in parts]
-
-
-def _chunk_seed(seed: int, rank: int, epoch: int, chunk: int) -> int:
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, rank, epoch, chunk]).generate_state(2, np.uint64)
-    return int(state[0] >> np.uint64(1))
 
 
 def train_step(job: Job, state: TrainState, views: list[torch.Tensor]) -> tuple[bool, bool]:
@@ -417,7 +411,7 @@ def train_step(job: Job, state: TrainState, views: list[torch.Tensor]) -> tuple[
                             cfg.lr_drop_epochs, cfg.lr_drop_factor, cfg.lr_end_factor)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = _forward(job, views)
+    loss = _forward(job, views, state.step)
     if job.sync_every > 1:
         return _device_update(job, state, loss, lr)
     # the one host read per step (finiteness needs it); under DDP the mean over ranks, and every rank
@@ -440,14 +434,17 @@ def train_step(job: Job, state: TrainState, views: list[torch.Tensor]) -> tuple[
     return stopping
 
 
-def _forward(job: Job, views: list[torch.Tensor]) -> torch.Tensor:
-    """The views through the method: the step's loss (buffers saved first)."""
+def _forward(job: Job, views: list[torch.Tensor], step: int) -> torch.Tensor:
+    """The views through the method: the loss of step ``step`` (buffers saved first). One call whether there
+    is one process or several: the context carries the all-gather (the identity in one process) and the
+    step's seed, from which the method draws its random choices (exact after a resume)."""
     cfg = job.cfg
     if cfg.channels_last:
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     job.buffers.save()
+    ctx = distributed.process_context(job.rt, cfg.seed, step)
     with torch.autocast(job.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        return job.train_module(views)
+        return job.train_module(views, ctx)
 
 
 def _device_update(job: Job, state: TrainState, loss: torch.Tensor, lr: float) -> tuple[bool, bool]:
