@@ -16,7 +16,8 @@ import torch
 from wmse.checkpoint import load_checkpoint
 from wmse.cli import main
 from wmse.progress import read_metrics
-from wmse.train import StopFlag, pretrain
+from wmse.stopping import StopFlag
+from wmse.train import pretrain
 
 
 def losses(run_dir):
