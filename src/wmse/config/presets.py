@@ -20,7 +20,7 @@ __all__ = ["PRESETS", "OFFICIAL_COMMANDS", "get_preset", "describe_presets", "pr
 # Official flags -> fields: --bs batch_size, --num_samples n_views, --epoch epochs, --emb emb,
 # --w_size w_size, --w_iter w_iter, --lr lr, --crop_s0 crop_scale[0], --cj0..3 jitter, --gs_p
 # grayscale_p. Unstated official defaults: bs 512, num_samples 2, w_size 128, w_iter 1,
-# w_eps 0, head 1024, tau (temperature) 0.5, byol_tau 0.99, adam_l2 1e-6, drop (50, 25) x0.2,
+# w_eps 0, head 1024, tau (contrastive_temperature) 0.5, byol_tau 0.99, adam_l2 1e-6, drop (50, 25) x0.2,
 # 500 warm-up iterations, crop scale (0.2, 1), jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale 0.1.
 
 # Per dataset: what the official dataset modules fix (crop size, eval transform, splits).
@@ -233,7 +233,8 @@ def _method_options(cfg: Config) -> str:
 
 
 # Method fields worth a column in `wmse presets` (the rest: `wmse presets --show NAME`).
-_SHOWN_OPTIONS = ("w_size", "w_iter", "temperature", "tau", "cw_groups", "dbn_groups", "intl_iters", "lambd")
+_SHOWN_OPTIONS = ("w_size", "w_iter", "contrastive_temperature", "byol_tau", "cw_groups", "dbn_groups", "intl_iters",
+                  "barlow_lambd")
 
 
 def describe_presets() -> str:
