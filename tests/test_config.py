@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import shlex
 
 import pytest
 
 from wmse.config import (
-    DATASETS, PRESETS, Config, apply_overrides, describe_presets, get_preset, parse_value, validate,
+    DATASETS, METHODS, PRESETS, Config, apply_overrides, describe_presets, get_preset, parse_value, validate,
 )
 from wmse.data import available
 
@@ -188,6 +190,59 @@ def test_from_dict_and_replace_reject_unknown_fields() -> None:
         Config().replace(bogus=1)
     assert Config().replace(lr=0.5).lr == 0.5
     assert Config.from_dict({"lr": 1, "epochs": "3"}) == Config(lr=1.0, epochs=3)
+
+
+# A config.json / checkpoint config written before the method fields took their method's prefix: the former
+# names, transcribed (not read from the code's own table), each with a value that is not the default.
+OLD_NAMES = {"whitening": ("w_whitening", "zca"), "whiten_global": ("w_global", True),
+             "temperature": ("contrastive_temperature", 0.2), "tau": ("byol_tau", 0.97),
+             "predictor_hidden": ("byol_predictor_hidden", 40), "sim_weight": ("vicreg_sim_weight", 20.0),
+             "var_weight": ("vicreg_var_weight", 21.0), "cov_weight": ("vicreg_cov_weight", 2.0),
+             "lambd": ("barlow_lambd", 0.01)}
+
+
+def test_a_config_json_of_the_earlier_form_loads(tmp_path) -> None:
+    current = get_preset("cifar10-byol").to_dict()
+    old = {k: v for k, v in current.items() if k not in {new for new, _ in OLD_NAMES.values()}}
+    old.update({name: value for name, (_, value) in OLD_NAMES.items()})
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    cfg = Config.from_dict(json.loads((tmp_path / "config.json").read_text()))
+    assert cfg == get_preset("cifar10-byol").replace(**dict(OLD_NAMES.values()))
+    # A current name wins over a former one; a name that never was a field is still refused.
+    assert Config.from_dict({"tau": 0.5, "byol_tau": 0.9}).byol_tau == 0.9
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['taux'\]"):
+        Config.from_dict({**old, "taux": 1})
+
+
+def test_a_former_field_name_on_the_command_line_names_the_new_one(capsys) -> None:
+    from wmse.cli import main
+
+    with pytest.raises(ValueError, match="unknown config field 'tau' \\(now 'byol_tau'\\)"):
+        apply_overrides(Config(), {"tau": "0.9"})
+    assert main(["pretrain", "--preset", "quick", "--whiten_global", "true"]) == 2
+    assert "unknown config field 'whiten_global' (now 'w_global')" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(METHODS.names()))
+def test_each_method_field_has_one_default(name: str) -> None:
+    """A method built in Python without its fields has the config's (and so the command line's) defaults, and
+    so does one built from a default config; the run fields its constructor takes default as the config's."""
+    from wmse.config import all_fields
+    from wmse.models import ProjectionHead, SmallConvNet
+
+    cls = METHODS[name]
+    backbone = SmallConvNet(1, out_dim=8)
+    python_api = cls(backbone, ProjectionHead(8, 8, 4))
+    from_config = cls.from_config(Config(method=name), backbone)
+    names = [f.name for f in dataclasses.fields(cls.Options)]
+    assert names and set(names) <= set(all_fields())
+    for field in names:
+        default = all_fields()[field].default
+        assert getattr(python_api, field) == default == getattr(Config(), field), field
+        assert getattr(from_config, field) == default, field
+    parameters = inspect.signature(cls.__init__).parameters
+    for field in cls.run_fields:
+        assert parameters[field].default == getattr(Config(), field) == getattr(python_api, field), field
 
 
 # ---------------------------------------------------------------------------------------------
