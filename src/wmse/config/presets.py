@@ -101,8 +101,8 @@ def _table1_presets() -> dict[str, Config]:
 
 
 # quick: the README's demo. Fashion-MNIST (Debian's files, 1 channel, 28 px) with the small conv
-# net on a 2-core CPU. fp32 because CPUs without native bf16 instructions emulate bf16 convolutions, far
-# slower than fp32 (benchmarks/README.md).
+# net on a CPU of a few cores. fp32 because CPUs without native bf16 instructions emulate bf16 convolutions,
+# far slower than fp32 (benchmarks/README.md).
 # Cosine schedule: the step schedule's drops at E-50/E-25 would fall at epoch 0 of a short run.
 # Milder crops than the official (0.2, 1): a 20 % crop of a 28 px garment loses its silhouette.
 # w_size 128 = the whole batch: one better-estimated covariance per view instead of two.
@@ -128,9 +128,9 @@ _CIFAR10_QUICK = Config(
 # cifar10-fast: W-MSE 2 on the CIFAR-10 training images as one archive or folder (`--data_dir
 # cifar10-train.zip`, benchmarks/cifar10_zip.sh makes it), 10% per class held out (seeded) for every
 # evaluation, a cosine schedule short enough that pretraining and the final kNN + linear evaluation fit in
-# one 7-minute command on an H200; eight batches augmented per call and the step's host read every 50
-# steps keep the GPU busy. Provisional: the epoch count and lr are not yet chosen on a GPU (no GPU was lent
-# when this was written); benchmarks/gpu.sh fast measures it.
+# one short command on one GPU; eight batches augmented per call and the step's host read every 50 steps
+# keep the GPU busy. Provisional until measured on a GPU (`bash benchmarks/gpu.sh fast` measures it; the
+# budget it was designed for and its status: benchmarks/README.md, "Notes moved from the code").
 _CIFAR10_FAST = _CIFAR10_QUICK.replace(
     preset="cifar10-fast", epochs=200, lr=3e-3, warmup_iters=500, schedule="cosine", augment_batches=8,
     eval_every=25, ckpt_every=50, eval_max_train=10000, final_eval=True, linear_epochs=100,
