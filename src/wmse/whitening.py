@@ -283,8 +283,8 @@ def whiten(x: Tensor, whitening: str = "cholesky", eps: float = 0.0, ns_iters: i
 
     Args:
         x: (..., w, D). Each leading index is one slice of w samples with D features.
-        whitening: the operator, a name of :data:`WHITENINGS`: "cholesky" (the paper: z = L^{-1}(v - mu) with C = L L^T),
-            "zca" (z = C^{-1/2}(v - mu)) or "newton_schulz" (ZCA approximated by ``ns_iters`` coupled
+        whitening: the operator, a name of :data:`WHITENINGS`: "cholesky" (the paper: z = L^{-1}(v - mu) with
+            C = L L^T), "zca" (z = C^{-1/2}(v - mu)) or "newton_schulz" (ZCA approximated by ``ns_iters`` coupled
             Newton-Schulz iterations).
         eps: shrinkage, C' = (1 - eps) C + eps I (the official ``w_eps``).
         ns_iters: iterations for "newton_schulz".

@@ -24,9 +24,9 @@ from .barlow_twins import BarlowTwins  # isort: skip
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["METHODS", "Method", "EmbeddingMethod", "ProcessContext", "WMSE", "Contrastive", "BYOL", "CWRGP", "INTL", "ShuffledDBN",
-           "VICReg", "BarlowTwins", "build_method", "byol_tau", "check_views", "mean_over_pairs", "step_generator",
-           "view_pairs"]
+__all__ = ["METHODS", "Method", "EmbeddingMethod", "ProcessContext", "WMSE", "Contrastive", "BYOL", "CWRGP", "INTL",
+           "ShuffledDBN", "VICReg", "BarlowTwins", "build_method", "byol_tau", "check_views", "mean_over_pairs",
+           "step_generator", "view_pairs"]
 
 
 def build_method(cfg: "Config", in_channels: int) -> Method:

@@ -50,7 +50,8 @@ class Contrastive(Method):
 
     def _pair_loss(self, z: Sequence[Tensor], anchors: slice | None = None) -> Tensor:
         pairs = view_pairs(len(z))
-        total = sum(nt_xent_loss(z[i], z[j], self.contrastive_temperature, self.normalize, anchors=anchors) for i, j in pairs)
+        t = self.contrastive_temperature
+        total = sum(nt_xent_loss(z[i], z[j], t, self.normalize, anchors=anchors) for i, j in pairs)
         return total / len(pairs)
 
     def loss(self, views: Sequence[Tensor]) -> Tensor:

@@ -49,6 +49,7 @@ class VICReg(EmbeddingMethod):
             check_min(name, getattr(cfg, name), 0.0)
 
     def embedding_loss(self, z, generator=None) -> Tensor:
-        return mean_over_pairs(partial(vicreg_loss, sim_weight=self.vicreg_sim_weight, var_weight=self.vicreg_var_weight,
-                                       cov_weight=self.vicreg_cov_weight), z)
+        weights = dict(sim_weight=self.vicreg_sim_weight, var_weight=self.vicreg_var_weight,
+                       cov_weight=self.vicreg_cov_weight)
+        return mean_over_pairs(partial(vicreg_loss, **weights), z)
 
