@@ -221,6 +221,9 @@ def test_a_former_field_name_on_the_command_line_names_the_new_one(capsys) -> No
         apply_overrides(Config(), {"tau": "0.9"})
     assert main(["pretrain", "--preset", "quick", "--whiten_global", "true"]) == 2
     assert "unknown config field 'whiten_global' (now 'w_global')" in capsys.readouterr().err
+    assert main(["presets", "--show", "cifar10-byol"]) == 0
+    shown = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines())
+    assert shown["byol_tau"] == "0.99" and shown["w_whitening"] == "cholesky" and "tau" not in shown
 
 
 @pytest.mark.parametrize("name", list(METHODS.names()))
