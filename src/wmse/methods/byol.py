@@ -59,7 +59,10 @@ class BYOL(Method):
         if not 0.0 <= self.byol_tau <= 1.0:
             raise ValueError(f"byol_tau (BYOL's initial EMA rate) must be in [0, 1], got {self.byol_tau}")
         if predictor is None:  # after the head: the order of the random inits
-            predictor = ProjectionHead(head.out_dim, self.byol_predictor_hidden, head.out_dim)
+            emb = getattr(head, "out_dim", None)
+            if emb is None:
+                raise ValueError("BYOL: pass predictor=... (this head has no out_dim to size one by)")
+            predictor = ProjectionHead(emb, self.byol_predictor_hidden, emb)
         self.predictor = predictor
         self.tau = self.byol_tau  # the current EMA rate (on_step raises it towards 1)
         self.target_backbone = copy.deepcopy(backbone)
