@@ -24,8 +24,8 @@ from .data.loader import ImageView, as_view
 
 __all__ = ["RunData", "DatasetSubset", "load_run_data", "normalization_stats", "pixel_stats", "subset"]
 
-#: Pixels per channel read at once by :func:`pixel_stats` (64 Mi: a 64 MB uint8 temporary at most).
-STATS_CHUNK_PIXELS = 1 << 26
+#: Pixels per channel read at once by :func:`pixel_stats` (16 Mi: the one temporary, a channel of a chunk, is 16 MB).
+STATS_CHUNK_PIXELS = 1 << 24
 
 
 @dataclass
