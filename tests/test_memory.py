@@ -97,6 +97,18 @@ def test_views_of_a_readonly_memory_map_gather_and_load(tmp_path):
     assert pixel_stats(view, chunk_pixels=60) == compute_stats(base[idx])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_batches_of_a_mapped_view_match_those_of_a_copy(tmp_path):
+    """The pinned double buffer is filled straight from the view of a read-only memory map."""
+    base = images(64, seed=2)
+    idx = torch.arange(63, -1, -2)
+    want = list(BatchLoader(base[idx].clone(), 8, labels=idx, seed=4).epoch(1))
+    got = list(BatchLoader(ImageView(readonly_memmap(tmp_path, base), idx), 8, labels=idx, seed=4,
+                           device="cuda").epoch(1))  # all held before comparing: no buffer overwritten early
+    assert len(got) == 4 and all(x2.is_cuda and torch.equal(x1, x2.cpu()) and torch.equal(y1, y2.cpu())
+                                 for (x1, y1), (x2, y2) in zip(want, got))
+
+
 # ------------------------------------------------------------------------------------------ statistics
 
 

@@ -76,11 +76,16 @@ class ImageView:
 
     def _base_index(self, idx: Tensor) -> Tensor:
         """Positions in ``base`` of this view's images ``idx``."""
-        idx = idx.to(self.base.device, torch.int64)
+        if idx.dtype != torch.int64 or idx.device != self.base.device:
+            idx = idx.to(self.base.device, torch.int64)
         return idx if self.index is None else self.index.index_select(0, idx)
 
     def gather(self, idx: Tensor, out: Tensor | None = None) -> Tensor:
-        """The pixels of this view's images ``idx``: uint8 ``(len(idx), C, H, W)`` (into ``out`` if given)."""
+        """The pixels of this view's images ``idx``: uint8 ``(len(idx), C, H, W)`` (into ``out`` if given).
+
+        One ``index_select`` of the base at composed indices: the same work as gathering from a copy."""
+        if out is None:
+            return self.base.index_select(0, self._base_index(idx))
         return torch.index_select(self.base, 0, self._base_index(idx), out=out)
 
     def take(self, idx: Tensor) -> ImageView:
