@@ -1,7 +1,7 @@
 """The training loop's batch gather: from a copied training split (what a held-out run gathered from before index
 views) against an index view of the whole set, in memory and on a read-only memory map (warm page cache).
 
-Each case runs whole epochs of ``wmse.data.loader.BatchLoader`` (random batches of ``--batch`` images, the
+Each sample runs whole epochs (until 200 batches or 1 s) of ``wmse.data.loader.BatchLoader`` (random batches of ``--batch`` images, the
 permutation of the loop) over the 90% of the images a ``--holdout 0.1`` run trains on; the cases are
 interleaved and repeated, and the median and the best per-batch time are set against the copy's, in the same
 run (the best is the steadier figure on a machine shared with other jobs).
@@ -44,12 +44,15 @@ def mapped_copy(x: torch.Tensor, folder: Path) -> torch.Tensor:
         return torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="r", shape=tuple(x.shape)))
 
 
-def epoch_seconds_per_batch(loader: BatchLoader, epoch: int) -> float:
-    t0 = time.perf_counter()
-    n = 0
-    for x, _ in loader.epoch(epoch):
-        n += 1
-    return (time.perf_counter() - t0) / n
+def seconds_per_batch(loader: BatchLoader, first_epoch: int) -> tuple[float, int]:
+    """Whole epochs from ``first_epoch`` until 200 batches or 1 s (one sample; steadier than one short epoch on
+    a busy machine): (seconds per batch, epochs run)."""
+    t0, n, epoch = time.perf_counter(), 0, first_epoch
+    while n < 200 and time.perf_counter() - t0 < 1.0:
+        for _ in loader.epoch(epoch):
+            n += 1
+        epoch += 1
+    return (time.perf_counter() - t0) / n, epoch - first_epoch
 
 
 def bench(n: int, side: int, batch: int, repeats: int, folder: Path) -> dict:
@@ -67,7 +70,7 @@ def bench(n: int, side: int, batch: int, repeats: int, folder: Path) -> dict:
     times = {name: [] for name in loaders}
     for r in range(repeats):
         for name, loader in loaders.items():
-            times[name].append(epoch_seconds_per_batch(loader, r + 1))
+            times[name].append(seconds_per_batch(loader, 1 + 1000 * r)[0])
     med = {name: statistics.median(t) for name, t in times.items()}
     best = {name: min(t) for name, t in times.items()}
     return {"images": n, "side": side, "batch": batch, "batches_per_epoch": len(loaders["copy"]),
