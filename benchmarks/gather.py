@@ -1,10 +1,10 @@
 """The training loop's batch gather: from a copied training split (what a held-out run gathered from before index
 views) against an index view of the whole set, in memory and on a read-only memory map (warm page cache).
 
-Each sample runs whole epochs (until 200 batches or 1 s) of ``wmse.data.loader.BatchLoader`` (random batches of ``--batch`` images, the
-permutation of the loop) over the 90% of the images a ``--holdout 0.1`` run trains on; the cases are
-interleaved and repeated, and the median and the best per-batch time are set against the copy's, in the same
-run (the best is the steadier figure on a machine shared with other jobs).
+Each sample runs whole epochs (until 200 batches or 1 s) of ``wmse.data.loader.BatchLoader`` (random batches
+of ``--batch`` images, the permutation of the loop) over the 90% of the images a ``--holdout 0.1`` run trains
+on; the cases are interleaved and repeated, and the median and the best per-batch time are set against the
+copy's, in the same run (the best is the steadier figure on a machine shared with other jobs).
 
     python benchmarks/gather.py                       # CIFAR size (50,000 x 32 px) and 256 px (1,500 images)
     python benchmarks/gather.py --threads 1 --repeats 7
@@ -100,7 +100,8 @@ def main() -> None:
         for n, side in ((args.n32, 32), (args.n256, 256)):
             if n:
                 rows.append(bench(n, side, args.batch, args.repeats, Path(tmp)))
-    print(f"{'images':>8}{'side':>6}  {'case':<22}{'median ms/batch':>16}{'x copy':>8}{'best ms/batch':>14}{'x copy':>8}")
+    print(f"{'images':>8}{'side':>6}  {'case':<22}{'median ms/batch':>16}{'x copy':>8}"
+          f"{'best ms/batch':>14}{'x copy':>8}")
     for r in rows:
         for case, ms in r["ms_per_batch"].items():
             print(f"{r['images']:>8}{r['side']:>6}  {case:<22}{ms:>16.2f}{r['ratio_to_copy'][case]:>8.2f}"

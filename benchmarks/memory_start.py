@@ -1,11 +1,12 @@
 """Peak memory of the start of training: ``wmse.splits.load_run_data`` on an image folder, from a warm decode
-cache, in a fresh process per measurement (``ru_maxrss`` is a high-water mark).
+cache, in a fresh process per measurement (Linux: reads /proc/self/status).
 
 For each ``--src LABEL=PATH`` (a ``src/`` directory of a wmse checkout: compare two commits in one run) a child
 process first decodes the folder into its own cache (``--cache``/LABEL, not timed), then a second child imports
-wmse, resets its peak RSS to its current RSS (Linux: ``/proc/self/clear_refs``), runs ``load_run_data`` (preset ``folder-wmse2``: normalisation statistics of the
-folder, a 10% per-class held-out split) and reads its peak RSS (VmHWM) again. The growth is set against the decoded
-pixels (N x C x S x S bytes): a run that holds one copy of them grows by about 1x.
+wmse, resets its peak RSS to its current RSS (``/proc/self/clear_refs``), runs ``load_run_data`` (preset
+``folder-wmse2``: normalisation statistics of the folder, a 10% per-class held-out split) and reads its peak
+RSS (VmHWM) again. The growth is set against the decoded pixels (N x C x S x S bytes): a run that holds one
+copy of them grows by about 1x.
 
     python benchmarks/memory_start.py --folder DIR --resize 256 \\
         --src before=/tmp/wmse-base/src --src after=src --cache /tmp/memcache

@@ -167,7 +167,8 @@ def test_the_held_out_split_and_the_training_set_are_views_of_one_tensor(tiny_fo
     kept, held = data.train.images.index, data.eval_test_images.index
     assert sorted(kept.tolist() + held.tolist()) == list(range(128))
     full = load("folder", root=tiny_folder)
-    assert torch.equal(data.eval_test_images[:], full.images[held]) and torch.equal(data.eval_test_labels, full.labels[held])
+    assert torch.equal(data.eval_test_images[:], full.images[held])
+    assert torch.equal(data.eval_test_labels, full.labels[held])
     assert (data.mean, data.std) == compute_stats(full.images)  # statistics of the whole training split
 
 
@@ -204,7 +205,8 @@ def test_views_train_and_evaluate_exactly_as_copies(tiny_folder, make_config, tm
         return [r[key] for r in records if r["kind"] == kind]
 
     assert pick(views, "train", "loss") == pick(copies, "train", "loss") and len(pick(views, "train", "loss")) == 6
-    assert pick(views, "eval", "knn_top1") == pick(copies, "eval", "knn_top1") and len(pick(views, "eval", "knn_top1")) == 2
+    knn = pick(views, "eval", "knn_top1")
+    assert knn == pick(copies, "eval", "knn_top1") and len(knn) == 2
 
 
 # ---------------------------------------------------------------------------------------------- memory

@@ -125,7 +125,8 @@ class BatchLoader:
     Yields ``(images uint8 (b, C, H, W), labels int64 (b,))`` on ``device``.
     """
 
-    def __init__(self, images: Tensor | ImageView, batch_size: int, *, labels: Tensor | None = None, shuffle: bool = True,
+    def __init__(self, images: Tensor | ImageView, batch_size: int, *, labels: Tensor | None = None,
+                 shuffle: bool = True,
                  drop_last: bool = True, seed: int = 0, device: str | torch.device = "cpu",
                  rank: int = 0, world_size: int = 1) -> None:
         if images.dim() != 4 or images.dtype != torch.uint8:
