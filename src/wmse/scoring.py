@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .augment import eval_transform
 from .config import Config
+from .data.loader import ImageView, as_view
 from .diagnostics import embedding_diagnostics, nonfinite_rows
 from .evaluate import extract_features, knn_accuracy, linear_probe
 from .methods import Method
@@ -31,8 +32,10 @@ def make_eval_transform(cfg: Config, mean, std, device: torch.device, channels_l
     return transform
 
 
-def encode(method: Method, images: Tensor, transform, cfg: Config, device: torch.device, head: bool = False) -> Tensor:
-    """Frozen features of uint8 images (eval mode, no augmentation), float32 on the CPU."""
+def encode(method: Method, images: Tensor | ImageView, transform, cfg: Config, device: torch.device,
+           head: bool = False) -> Tensor:
+    """Frozen features of uint8 images (eval mode, no augmentation), float32 on the CPU, gathered and
+    transformed batch by batch."""
     was_training = method.training
     method.eval()
     try:
@@ -43,12 +46,13 @@ def encode(method: Method, images: Tensor, transform, cfg: Config, device: torch
         method.train(was_training)
 
 
-def subsample(images: Tensor, labels: Tensor, n: int | None, seed: int) -> tuple[Tensor, Tensor]:
-    """At most ``n`` (images, labels), drawn with a generator of ``seed`` (all of them when n is None)."""
+def subsample(images: Tensor | ImageView, labels: Tensor, n: int | None, seed: int) -> tuple[ImageView, Tensor]:
+    """At most ``n`` (images, labels), drawn with a generator of ``seed`` (all of them when n is None); the
+    images as an index view of ``images``, no pixel copied."""
     if n is None or n >= len(labels):
-        return images, labels
+        return as_view(images), labels
     idx = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n]
-    return images[idx], labels[idx]
+    return as_view(images).take(idx), labels[idx]
 
 
 def _nonfinite(*features: Tensor) -> dict:

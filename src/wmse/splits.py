@@ -4,6 +4,10 @@ The kNN / linear classifiers fit on ``clf_split`` (default: the labelled images 
 STL-10's "train" when pretraining on "train+unlabeled") and are scored on ``eval_split``, or, for an image
 folder, on its own test folder or archive (``eval_data_dir``); without either, a seeded per-class part of the
 training split is held out of pretraining and scored on.
+
+Nothing here copies pixels: a subset is an index view of the dataset it comes from (:class:`DatasetSubset`,
+:class:`~wmse.data.loader.ImageView`), and the normalisation statistics of an image folder are one streamed
+pass over chunks of its uint8 images.
 """
 
 from __future__ import annotations
@@ -11,22 +15,27 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from .config import Config
-from .data import ImageDataset, compute_stats, dataset_stats, load, split_per_class
+from .data import ImageDataset, dataset_stats, load, split_per_class
+from .data.loader import ImageView, as_view
 
-__all__ = ["RunData", "load_run_data", "normalization_stats", "subset"]
+__all__ = ["RunData", "DatasetSubset", "load_run_data", "normalization_stats", "pixel_stats", "subset"]
+
+#: Pixels per channel read at once by :func:`pixel_stats` (64 Mi: a 64 MB uint8 temporary at most).
+STATS_CHUNK_PIXELS = 1 << 26
 
 
 @dataclass
 class RunData:
     """Everything a run needs from its dataset, as uint8 tensors on the CPU."""
 
-    train: ImageDataset
-    eval_train_images: Tensor | None  # for kNN / the probe: labelled, un-augmented
+    train: ImageDataset | DatasetSubset
+    eval_train_images: ImageView | None  # for kNN / the probe: labelled, un-augmented
     eval_train_labels: Tensor | None
-    eval_test_images: Tensor | None
+    eval_test_images: ImageView | None
     eval_test_labels: Tensor | None
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -38,18 +47,75 @@ class RunData:
         return self.eval_test_images is not None
 
 
-def subset(ds: ImageDataset, idx: Tensor) -> ImageDataset:
-    """The images ``idx`` of ``ds`` (labels and paths follow)."""
+@dataclass
+class DatasetSubset:
+    """Some images of a dataset, as an index view: the pixels stay in the dataset's uint8 tensor.
+
+    Read like an :class:`~wmse.data.ImageDataset` (``images``, ``labels``, ``classes``, ``paths``, ``name``,
+    ``len``); ``images`` is an :class:`~wmse.data.loader.ImageView` that gathers a batch when asked.
+    """
+
+    images: ImageView
+    labels: Tensor  # int64 (M,): a copy, small
+    classes: list[str]
+    paths: list[str] | None
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __repr__(self) -> str:
+        return f"DatasetSubset(name={self.name!r}, n={len(self)} of {self.images.base.shape[0]})"
+
+
+def subset(ds: ImageDataset | DatasetSubset, idx: Tensor) -> DatasetSubset:
+    """The images ``idx`` of ``ds`` (labels and paths follow), without copying a pixel."""
+    idx = torch.as_tensor(idx, dtype=torch.int64)
     paths = [ds.paths[i] for i in idx.tolist()] if ds.paths is not None else None
-    return ImageDataset(images=ds.images[idx], labels=ds.labels[idx], classes=ds.classes, paths=paths, name=ds.name)
+    return DatasetSubset(ImageView(ds.images, idx), ds.labels[idx], ds.classes, paths, ds.name)
 
 
-def normalization_stats(dataset: str, images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def pixel_stats(images: Tensor | ImageView, chunk_pixels: int = STATS_CHUNK_PIXELS
+                ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 images, in [0, 1] units, in one streamed pass.
+
+    Each chunk of whole images adds to a 256-bin histogram per channel (exact int64 counts), so memory is
+    one chunk (``chunk_pixels`` pixels per channel, at least one image) whatever the number of images, and
+    no pixel is converted to float. The histogram's sums of x and x^2 are exact integers; mean and variance
+    are then taken from them in float64 as :func:`wmse.data.compute_stats` does (E[x^2] - mean^2, whose
+    rounding error here is far below 1e-9 since the sums are exact).
+
+    Args:
+        images: uint8 ``(N, C, H, W)``, a tensor (a memory map works) or an :class:`ImageView`.
+    Returns:
+        ``(mean, std)``, each a tuple of C floats.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"pixel_stats: images must be a non-empty uint8 (N, C, H, W) tensor, got "
+                         f"{images.dtype} {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    counts = torch.zeros(c, 256, dtype=torch.int64)
+    step = max(1, chunk_pixels // (h * w))
+    for start in range(0, n, step):
+        chunk = images[start:start + step]
+        for ch in range(c):
+            counts[ch] += torch.bincount(chunk[:, ch].reshape(-1), minlength=256)
+    values = torch.arange(256, dtype=torch.int64)
+    # Exact integer sums, then compute_stats' float64 formula: the same values as the whole-set pass, bit for bit.
+    total = (counts * values).sum(1).to(torch.float64)
+    total_sq = (counts * values.square()).sum(1).to(torch.float64)
+    count = n * h * w
+    mean = total / count
+    var = (total_sq / count - mean.square()).clamp_min(0.0)
+    return tuple((mean / 255.0).tolist()), tuple((var.sqrt() / 255.0).tolist())
+
+
+def normalization_stats(dataset: str, images: Tensor | ImageView) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The dataset's published mean/std, or those of the images themselves (image folders)."""
     try:
         return dataset_stats(dataset)
     except (KeyError, ValueError):
-        return compute_stats(images)
+        return pixel_stats(images)
 
 
 def _load(cfg: Config, split: str, root=None) -> ImageDataset:
@@ -102,4 +168,4 @@ def load_run_data(cfg: Config, log=print) -> RunData:
     check_classes(clf.labels, test.labels[test.labels >= 0], f"evaluation on {scored_on}", cfg.knn_k)
     note = (f"classifiers fit on {cfg.clf_split or cfg.train_split} ({len(clf)} labelled images), "
             f"scored on {scored_on} ({len(test)} images)")
-    return RunData(train, clf.images, clf.labels, test.images, test.labels, mean, std, note)
+    return RunData(train, as_view(clf.images), clf.labels, as_view(test.images), test.labels, mean, std, note)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from .diagnostics import nonfinite_rows
 from .fileio import write_atomic, write_text_atomic
 from .splits import load_run_data, normalization_stats
 from .scoring import encode, make_eval_transform
+
+Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 @dataclass
@@ -61,10 +64,11 @@ def load_run(run_or_checkpoint: str | Path, device: str | torch.device = "cpu") 
                       tuple(mean) if mean else None, tuple(std) if std else None)
 
 
-def _stats(run: TrainedRun, images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _stats(run: TrainedRun, fallback: Callable[[], Stats]) -> Stats:
+    """The normalisation the run trained with, else (old checkpoints) ``fallback()``."""
     if run.mean is not None and run.std is not None:
         return run.mean, run.std
-    return normalization_stats(run.cfg.dataset, images)
+    return fallback()
 
 
 def evaluate_run(
@@ -92,7 +96,7 @@ def evaluate_run(
     if data.eval_test_images is None:
         raise ValueError(f"dataset {cfg.dataset!r} has no labels here, so there is nothing to evaluate against")
     log(data.note)
-    mean, std = _stats(run, data.train.images)
+    mean, std = _stats(run, lambda: (data.mean, data.std))  # those of the whole training split, as in training
     transform = make_eval_transform(cfg, mean, std, dev, channels_last=False)
     t0 = time.perf_counter()
     f_train = encode(run.method, data.eval_train_images, transform, cfg, dev, head=head)
@@ -165,7 +169,7 @@ def embed_run(
     out = Path(out_dir) if out_dir else run.run_dir / "embed" / split.replace("+", "_")
     out.mkdir(parents=True, exist_ok=True)
     ds = load(cfg.dataset, split, cfg.data_dir)
-    mean, std = _stats(run, ds.images)
+    mean, std = _stats(run, lambda: normalization_stats(run.cfg.dataset, ds.images))
     feats = encode(run.method, ds.images, make_eval_transform(cfg, mean, std, dev, False), cfg, dev, head=head)
     files = {"features": out / "features.npy", "labels": out / "labels.npy", "paths": out / "paths.txt",
              "backbone": out / "backbone.safetensors"}

@@ -1,4 +1,4 @@
-"""Features of a frozen encoder over a whole image tensor."""
+"""Features of a frozen encoder over a whole image set, batch by batch (a batch of pixels at a time)."""
 
 from __future__ import annotations
 
@@ -10,24 +10,30 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..data.loader import ImageView
+
 
 def extract_features(
     encoder: Callable[[Tensor], Tensor],
-    images_uint8: Tensor,
+    images_uint8: Tensor | ImageView,
     transform: Callable[[Tensor], Tensor],
     batch_size: int = 512,
     device: str | torch.device = "cpu",
     autocast: bool = True,
     progress: bool | None = None,
 ) -> Tensor:
-    """Run a frozen encoder over a whole image tensor, batch by batch, without gradients.
+    """Run a frozen encoder over a whole image set, batch by batch, without gradients.
+
+    Only one batch of pixels is gathered (from an :class:`~wmse.data.loader.ImageView`) and converted to
+    float at a time, so memory does not grow with the number of images beyond the ``(N, F)`` features.
 
     Putting the encoder in eval mode is the caller's job (so BatchNorm uses running stats).
 
     Args:
         encoder: maps a float batch ``(B, C, S, S)`` on ``device`` to ``(B, F)`` (a ``(B, F, 1, 1)``
             output is flattened).
-        images_uint8: ``(N, C, H, W)`` uint8 images (CPU or ``device``).
+        images_uint8: ``(N, C, H, W)`` uint8 images (CPU or ``device``): a tensor (a memory map works) or an
+            :class:`~wmse.data.loader.ImageView` of one.
         transform: maps a uint8 batch ``(B, C, H, W)`` on ``device`` to the encoder's float input
             (the evaluation transform: resize/crop and mean/std normalisation, no augmentation).
         batch_size: images per forward pass.
@@ -61,8 +67,8 @@ def extract_features(
     return torch.cat(out)
 
 
-def _check_images(images_uint8: Tensor, batch_size: int) -> None:
-    if not isinstance(images_uint8, Tensor) or images_uint8.dtype != torch.uint8:
+def _check_images(images_uint8: Tensor | ImageView, batch_size: int) -> None:
+    if not isinstance(images_uint8, (Tensor, ImageView)) or images_uint8.dtype != torch.uint8:
         raise ValueError(
             "images_uint8 must be a uint8 tensor (N, C, H, W), got "
             f"{getattr(images_uint8, 'dtype', type(images_uint8).__name__)}"
