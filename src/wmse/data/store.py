@@ -5,7 +5,7 @@ Layout (little-endian)::
     [0, 4096)                      prefix: magic, version, data offset, data length, header length, header CRC-32
     [4096, 4096 + D)               pixels: N images of C x H x W uint8, image after image (D = N*C*H*W)
     [4096 + D, 4096 + D + L)       header: UTF-8 JSON (key, shape, labels, classes, paths, skipped, notes,
-                                   the CRC-32 of every 16 MiB block of the pixels)
+                                   the CRC-32 of every 4 MiB block of the pixels)
 
 Writing: :func:`write_store` streams decoded chunks into a temporary file beside the store (peak memory is
 the chunks in flight, never the dataset), reads the pixels back once to checksum them, and renames the file
@@ -13,7 +13,7 @@ into place (:func:`~wmse.fileio.write_atomic`): a kill or a full disk leaves no 
 none. Before the pixels are written, the store's size is checked against the free space of its folder.
 
 Opening: :func:`open_store` checks the prefix, the file size, the header's CRC-32 and every pixel block's
-CRC-32 (read with ``readinto`` through one buffer, so the check adds no resident memory), then maps the
+CRC-32 (read with ``pread`` a few blocks at a time by a few threads, so the check adds no resident memory), then maps the
 pixels copy-on-write (``np.memmap(mode="c")``, a private mapping): processes on one machine share the page
 cache's single copy, torch accepts the array without a read-only warning, and a stray in-place write would
 stay private to its process instead of changing the file (a read-only mapping would kill the process with
@@ -28,9 +28,11 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 import uuid
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +43,7 @@ import torch
 from torch import Tensor
 
 from ..fileio import write_atomic
-from .decode import Decoded, warn_skipped
+from .decode import Decoded, default_workers, warn_skipped
 
 __all__ = ["Store", "StoreError", "SUFFIX", "write_store", "open_store", "read_store", "cached_store",
            "check_free_space"]
@@ -50,7 +52,7 @@ MAGIC = b"WMSESTOR"
 VERSION = 1
 SUFFIX = ".wstore"
 DATA_OFFSET = 4096  # pixels start on a page boundary, so the mapping's offset is aligned
-BLOCK = 16 << 20  # bytes per checksummed block, and the size of the one read buffer
+BLOCK = 4 << 20  # bytes per checksummed block; the check holds one such buffer per thread
 _PREFIX = struct.Struct("<8sIQQQI")  # magic, version, data offset, data length, header length, header CRC-32
 
 
@@ -126,20 +128,22 @@ class _Writer:
 
 
 def _block_crcs(f: IO[bytes], start: int, length: int) -> list[int]:
-    """CRC-32 of each BLOCK of ``f[start:start+length]``, read through one reused buffer."""
-    buf = bytearray(min(BLOCK, max(length, 1)))
-    view = memoryview(buf)
-    f.seek(start)
-    crcs = []
-    left = length
-    while left > 0:
-        want = min(BLOCK, left)
-        got = f.readinto(view[:want])
-        if got != want:
-            raise StoreError(f"pixels end {left - got} bytes early")
-        crcs.append(zlib.crc32(view[:want]))
-        left -= want
-    return crcs
+    """CRC-32 of each BLOCK of ``f[start:start+length]``; blocks are read (``pread``) and checksummed by a
+    few threads (zlib releases the GIL), so memory is a few blocks and the check uses several cores."""
+    fd = f.fileno()
+    local = threading.local()
+
+    def crc(offset: int) -> int:
+        size = min(BLOCK, start + length - offset)
+        if not hasattr(local, "buf"):
+            local.buf = memoryview(bytearray(BLOCK))
+        got = os.preadv(fd, [local.buf[:size]], offset)
+        if got != size:
+            raise StoreError(f"pixels end {size - got} bytes early")
+        return zlib.crc32(local.buf[:size])
+
+    with ThreadPoolExecutor(max_workers=min(4, default_workers())) as pool:
+        return list(pool.map(crc, range(start, start + length, BLOCK)))
 
 
 def write_store(path: Path, key: str, decoded: Iterable[list[Decoded]], names: list[str], labels: list[int],
