@@ -105,6 +105,17 @@ def test_damaged_store_is_rebuilt_with_a_warning(tmp_path, cache, how):
         assert torch.equal(load("folder", root=tmp_path / "tree").images, first)  # the rebuilt store is whole
 
 
+def test_store_checked_with_the_block_size_its_header_names(tmp_path, cache, monkeypatch):
+    make_tree(tmp_path / "tree", n=10)
+    with monkeypatch.context() as m:
+        m.setattr(store_mod, "BLOCK", 1000)  # a store written by another version's block size
+        first = load("folder", root=tmp_path / "tree").images.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "damaged" warning, no rebuild
+        assert torch.equal(load("folder", root=tmp_path / "tree").images, first)
+    assert len(stores(cache)) == 1
+
+
 def _run(code: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300, **kw)

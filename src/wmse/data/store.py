@@ -127,23 +127,23 @@ class _Writer:
         return len(self.channels), c, h, w
 
 
-def _block_crcs(f: IO[bytes], start: int, length: int) -> list[int]:
-    """CRC-32 of each BLOCK of ``f[start:start+length]``; blocks are read (``pread``) and checksummed by a
+def _block_crcs(f: IO[bytes], start: int, length: int, block: int = BLOCK) -> list[int]:
+    """CRC-32 of each ``block`` bytes of ``f[start:start+length]``; blocks are read (``pread``) and checksummed by a
     few threads (zlib releases the GIL), so memory is a few blocks and the check uses several cores."""
     fd = f.fileno()
     local = threading.local()
 
     def crc(offset: int) -> int:
-        size = min(BLOCK, start + length - offset)
+        size = min(block, start + length - offset)
         if not hasattr(local, "buf"):
-            local.buf = memoryview(bytearray(BLOCK))
+            local.buf = memoryview(bytearray(block))
         got = os.preadv(fd, [local.buf[:size]], offset)
         if got != size:
             raise StoreError(f"pixels end {size - got} bytes early")
         return zlib.crc32(local.buf[:size])
 
     with ThreadPoolExecutor(max_workers=min(4, default_workers())) as pool:
-        return list(pool.map(crc, range(start, start + length, BLOCK)))
+        return list(pool.map(crc, range(start, start + length, block)))
 
 
 def write_store(path: Path, key: str, decoded: Iterable[list[Decoded]], names: list[str], labels: list[int],
@@ -181,7 +181,7 @@ def write_store(path: Path, key: str, decoded: Iterable[list[Decoded]], names: l
         f.flush()
         header = json.dumps({
             "version": VERSION, "key": key, "shape": shape, "block": BLOCK,
-            "crc32": _block_crcs(f, DATA_OFFSET, data_len),
+            "crc32": _block_crcs(f, DATA_OFFSET, data_len, BLOCK),
             "labels": [labels[k] for k in kept], "classes": list(classes), "paths": [names[k] for k in kept],
             "skipped": [name for name, _ in bad], "notes": list(notes),
         }).encode()
@@ -223,9 +223,12 @@ def read_store(path: Path, key: str | None = None) -> Store:
         if key is not None and meta["key"] != key:
             raise StoreError(f"written for other data (key {meta['key']}, expected {key})")
         n, c, h, w = meta["shape"]
-        bad = [i for i, (got, want) in enumerate(zip(_block_crcs(f, offset, n * c * h * w), meta["crc32"]))
-               if got != want]
-        if bad or len(meta["crc32"]) != -(-n * c * h * w // meta["block"]):
+        block = int(meta["block"])
+        if not 0 < block <= 1 << 30 or len(meta["crc32"]) != -(-n * c * h * w // block):
+            raise StoreError("the header's block checksums do not cover the pixels")
+        crcs = _block_crcs(f, offset, n * c * h * w, block)
+        bad = [i for i, (got, want) in enumerate(zip(crcs, meta["crc32"])) if got != want]
+        if bad:
             raise StoreError(f"pixel block(s) {bad[:3]} fail their CRC-32 (the file was changed or damaged)")
     pixels = np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=(n, c, h, w))
     return Store(path, torch.from_numpy(pixels), torch.tensor(meta["labels"], dtype=torch.int64),
