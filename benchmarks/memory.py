@@ -73,15 +73,16 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
-def rollup(pid: int) -> tuple[int, int, str] | None:
-    """(RSS, PSS) in bytes and the command name of ``pid``."""
+def rollup(pid: int) -> tuple[int, int, int, str] | None:
+    """(RSS, PSS, anonymous PSS) in bytes and the command line of ``pid`` (PSS - anonymous PSS = mapped files,
+    the store's pages among them)."""
     try:
         fields = {}
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
             key, value = line.split(":", 1)
             fields[key] = int(value.split()[0]) * 1024
         name = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:80]
-        return fields["Rss"], fields["Pss"], name
+        return fields["Rss"], fields["Pss"], fields.get("Pss_Anon", 0), name
     except (OSError, KeyError, ValueError):
         return None
 
@@ -98,14 +99,15 @@ def run_limited(name: str, cmd: list[str], limit: int, env: dict) -> dict:
         while proc.poll() is None:
             for pid in tree_pids(proc.pid):
                 r = rollup(pid)
-                if r is not None and "python" in r[2]:
-                    old = peaks.get(pid, [0, 0, r[2]])
-                    peaks[pid] = [max(old[0], r[0]), max(old[1], r[1]), r[2]]
+                if r is not None and "python" in r[3]:
+                    old = peaks.get(pid, [0, 0, 0, r[3]])
+                    peaks[pid] = [max(old[0], r[0]), max(old[1], r[1]), max(old[2], r[2]), r[3]]
             time.sleep(0.2)
         err = proc.stderr.read()
         return {"status": proc.returncode, "seconds": time.perf_counter() - t, "limit": limit,
                 "cgroup_peak": int((group / "memory.max_usage_in_bytes").read_text()),
-                "processes": [{"pid": p, "peak_rss": v[0], "peak_pss": v[1], "cmd": v[2]} for p, v in peaks.items()],
+                "processes": [{"pid": p, "peak_rss": v[0], "peak_pss": v[1], "peak_pss_anon": v[2], "cmd": v[3]}
+                              for p, v in peaks.items()],
                 "stderr_tail": err.strip().splitlines()[-3:]}
     finally:
         time.sleep(0.5)
@@ -151,7 +153,7 @@ def main() -> None:
               f"{res['cgroup_peak'] / 2**30:.2f} GiB; store {(res['store_bytes'] or 0) / 1e9:.2f} GB")
         for p in res["processes"]:
             print(f"   pid {p['pid']}: peak RSS {p['peak_rss'] / 2**30:.2f} GiB, peak PSS {p['peak_pss'] / 2**30:.2f} GiB"
-                  f"  {p['cmd'][:60]}")
+                  f" (anonymous {p['peak_pss_anon'] / 2**30:.2f} GiB)  {p['cmd'][:60]}")
         if res["status"]:
             print("   " + " | ".join(res["stderr_tail"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)

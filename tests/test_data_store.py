@@ -116,11 +116,6 @@ def test_store_checked_with_the_block_size_its_header_names(tmp_path, cache, mon
     assert len(stores(cache)) == 1
 
 
-def _run(code: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300, **kw)
-
-
 def test_two_processes_map_one_store(tmp_path, cache):
     make_tree(tmp_path / "tree", n=20)
     load("folder", root=tmp_path / "tree")
