@@ -240,7 +240,7 @@ def test_zip_member_with_bad_data_is_skipped(tmp_path):
 def counted(monkeypatch):
     """Count archive decodes and archive opens."""
     calls = {"decode": 0, "open": 0}
-    real_decode, real_open = archive_mod.decode_chunks, archive_mod.open_archive
+    real_decode, real_open = archive_mod.decode_stream, archive_mod.open_archive
 
     def decode(*args, **kwargs):
         calls["decode"] += 1
@@ -250,7 +250,7 @@ def counted(monkeypatch):
         calls["open"] += 1
         return real_open(*args, **kwargs)
 
-    monkeypatch.setattr(archive_mod, "decode_chunks", decode)
+    monkeypatch.setattr(archive_mod, "decode_stream", decode)
     monkeypatch.setattr(archive_mod, "open_archive", opened)
     return calls
 
@@ -260,13 +260,13 @@ def test_cache_hit_then_rebuilt_when_the_archive_changes(trees, tmp_path, counte
     arc = make_archive(trees["png"], tmp_path / f"p.{fmt}", prefix="train/")
     first = load("folder", root=arc)
     cache_dir = tmp_path / "cache"
-    assert counted == {"decode": 1, "open": 1} and len(list(cache_dir.glob("*.pt"))) == 1
+    assert counted == {"decode": 1, "open": 1} and len(list(cache_dir.glob("*.wstore"))) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         second = load("folder", root=arc)
     assert counted == {"decode": 1, "open": 1}  # a hit neither decodes nor opens the archive
     assert_same(second, first) and second.paths == first.paths
-    assert oct(stat.S_IMODE(next(cache_dir.glob("*.pt")).stat().st_mode)) == "0o644"
+    assert oct(stat.S_IMODE(next(cache_dir.glob("*.wstore")).stat().st_mode)) == "0o644"
     st = os.stat(arc)
     os.utime(arc, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, new mtime
     assert_same(load("folder", root=arc), first)

@@ -47,7 +47,7 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any], mode: int 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as raw:
+        with os.fdopen(fd, "w+b") as raw:  # readable too: a writer may read back what it wrote (store checksums)
             f = _Recording(raw)
             try:
                 write(f)

@@ -1,12 +1,12 @@
-"""Datasets as uint8 tensors: one reader per format behind :func:`load`, plus a decoded-image cache.
+"""Datasets as uint8 tensors: one reader per format behind :func:`load`, plus a decoded-image store.
 
 Every dataset is one entry of :data:`DATASETS` (a :class:`DatasetSpec`: reader, splits, published
 statistics, whether it is made of image files, how ``root`` resolves), registered next to its reader
 in ``readers.py`` with :func:`register_dataset`.
 
-Data root: ``root=``, else ``$WMSE_DATA``, else ``~/.cache/wmse``. Decoded image folders (and image
-archives: ``load("folder", root="train.zip")``) are cached under ``$WMSE_CACHE``, else
-``<data root>/.wmse_cache`` (never inside the image folder itself).
+Data root: ``root=``, else ``$WMSE_DATA``, else ``~/.cache/wmse``. Image folders (and image archives:
+``load("folder", root="train.zip")``) are decoded once into a memory-mapped store (store.py) under
+``$WMSE_CACHE``, else ``<data root>/.wmse_cache`` (never inside the image folder itself).
 
 >>> ds = load("cifar10", "train")            # doctest: +SKIP
 >>> ds.images.shape, ds.labels.shape          # doctest: +SKIP

@@ -32,6 +32,7 @@ holds the listing too, so a hit opens no archive.
 from __future__ import annotations
 
 import hashlib
+import io
 import stat
 import struct
 import tarfile
@@ -41,18 +42,21 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
-import torch
 from torch import Tensor
 
 from .dataset import cache_root
-from .imagefolder import (_CHUNK, _MAX_SHOWN, IMAGE_EXTENSIONS, Listing, _is_image, _warn_skipped, check_resize,
-                          decode_chunks, read_cache, stack_decoded, write_cache)
+from .decode import CHUNK, IMAGE_EXTENSIONS, MAX_SHOWN, check_resize, decode_stream, is_image, utf8_only
+from .imagefolder import Listing
+from .store import cached_store, write_store
 
 __all__ = ["ARCHIVE_SUFFIXES", "is_archive", "open_archive", "Archive", "list_members", "load_archive",
            "read_member"]
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
-_ARCHIVE_VERSION = "wmse-archive-v1"  # bump when the cache blob or the selection rules change
+_ARCHIVE_VERSION = "wmse-archive-v2"  # bump when the store or the selection rules change (v2: store.py)
+#: Members declaring more bytes than this are skipped unread (a zip bomb's 2 GiB of zeros in 2 MB); the
+#: largest photographs are tens of MB.
+MAX_MEMBER_BYTES = 256 << 20
 
 
 def is_archive(path: str | Path) -> bool:
@@ -77,16 +81,25 @@ class Archive:
         self.path = path
         self.names: list[str] = []
         self.refused: list[str] = []  # unsafe or non-regular members, as named in the archive
+        self.random_access = True  # False for a compressed tar: a backward seek decompresses from the start
 
     def read(self, name: str) -> bytes:
         raise NotImplementedError
+
+    def _check_size(self, name: str, size: int) -> None:
+        """Refuse a member whose declared size is over :data:`MAX_MEMBER_BYTES`, before reading it."""
+        if size > MAX_MEMBER_BYTES:
+            raise OSError(f"member declares {size / 2**20:.0f} MiB, over the {MAX_MEMBER_BYTES >> 20} MiB "
+                          "limit for one image file (a decompression bomb?); not read")
 
     def _offset(self, name: str) -> int:
         raise NotImplementedError
 
     def stream(self, names: Iterable[str]) -> Iterator[tuple[str, bytes | BaseException]]:
-        """``(name, bytes)`` for each member of ``names``, in archive order (a read error in place of bytes)."""
-        for name in sorted(set(names), key=self._offset):
+        """``(name, bytes)`` for each member of ``names`` (a read error in place of bytes): in the order given
+        when members can be read in any order, else in archive order."""
+        unique = list(dict.fromkeys(names))
+        for name in (unique if self.random_access else sorted(unique, key=self._offset)):
             try:
                 yield name, self.read(name)
             except Exception as exc:  # a bad CRC, a truncated archive, an encrypted member
@@ -121,6 +134,7 @@ class _Zip(Archive):
 
     def read(self, name: str) -> bytes:
         info = self._info[name]
+        self._check_size(name, info.file_size)
         if info.flag_bits & 0x1 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             return self._zf.read(info)  # encrypted, bzip2, lzma: zipfile's own path
         # Stored / deflated: one seek, two reads and a zlib call (a quarter of ZipFile.read's cost per member).
@@ -133,7 +147,8 @@ class _Zip(Archive):
         f.seek(name_len + extra_len, 1)
         data = f.read(info.compress_size)
         if info.compress_type == zipfile.ZIP_DEFLATED:
-            data = zlib.decompress(data, -15)
+            # Inflate at most one byte past the declared size: a member lying about its size stays bounded.
+            data = zlib.decompressobj(-15).decompress(data, info.file_size + 1)
         if len(data) != info.file_size or zlib.crc32(data) != info.CRC:
             raise zipfile.BadZipFile(f"{name}: bad CRC-32 or size; the archive is corrupt")
         return data
@@ -152,6 +167,7 @@ class _Tar(Archive):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self._tf = tarfile.open(path, "r:*")
+        self.random_access = isinstance(self._tf.fileobj, io.BufferedReader)  # not gzip/bz2/xz
         self._members: dict[str, tarfile.TarInfo] = {}
         for member in self._tf.getmembers():
             if member.isdir():
@@ -165,6 +181,7 @@ class _Tar(Archive):
 
     def read(self, name: str) -> bytes:
         member = self._members[name]
+        self._check_size(name, member.size)
         if member.issparse():  # pragma: no cover - GNU sparse files: let tarfile reassemble them
             with self._tf.extractfile(member) as f:
                 return f.read()
@@ -216,7 +233,8 @@ def list_members(names: Iterable[str], where: str) -> Listing:
     Raises:
         FileNotFoundError: no image member.
     """
-    images = [n for n in names if _is_image(n.rsplit("/", 1)[-1]) and not any(p.startswith(".") for p in n.split("/"))]
+    names = utf8_only(list(names), where, stacklevel=4)  # tar names keep undecodable bytes as surrogates
+    images = [n for n in names if is_image(n.rsplit("/", 1)[-1]) and not any(p.startswith(".") for p in n.split("/"))]
     tops = {n.split("/", 1)[0] for n in images if "/" in n}
     prefix = ""
     if len(tops) == 1 and all("/" in n for n in images) and any(n.count("/") >= 2 for n in images):
@@ -257,7 +275,7 @@ def _chunks(pairs: Iterable[tuple[str, bytes | BaseException]], order: list[str]
     for name, data in pairs:
         order.append(name)
         chunk.append(data)
-        if len(chunk) == _CHUNK:
+        if len(chunk) == CHUNK:
             yield chunk
             chunk = []
     if chunk:
@@ -267,7 +285,7 @@ def _chunks(pairs: Iterable[tuple[str, bytes | BaseException]], order: list[str]
 def load_archive(archive: str | Path, select: Callable[[Archive], Listing], *, kind: str = "folder",
                  resize: int | None = None, cache: bool = True, what: str = "images",
                  workers: int | None = None) -> tuple[Tensor, Tensor, list[str], list[str]]:
-    """Decode the members ``select(archive)`` lists, through the decode cache when possible.
+    """Decode the members ``select(archive)`` lists into their store (store.py), or open the store built before.
 
     Args:
         archive: the archive file.
@@ -275,53 +293,62 @@ def load_archive(archive: str | Path, select: Callable[[Archive], Listing], *, k
             (``lambda a: list_members(a.names, str(path))`` for an ImageFolder archive).
         kind: names the selection in the cache key (one archive may serve several splits).
     Returns:
-        images uint8 ``(M, C, H, W)``, labels int64 ``(M,)``, the M paths (``<archive>/<member>``), classes.
+        images uint8 ``(M, C, H, W)`` (mapped), labels int64 ``(M,)``, the M paths (``<archive>/<member>``), classes.
     """
     check_resize(resize)
     archive = Path(archive)
-    cache_file = cache_root() / f"{_cache_key(archive, kind, resize)}.pt" if cache else None
-    blob = read_cache(cache_file)
-    if blob is not None:
-        try:
-            images, labels, members = blob["images"], blob["labels"], list(blob["members"])
-            classes, skipped, notes = list(blob["classes"]), list(blob["skipped"]), list(blob["notes"])
-            if not (images.shape[0] == labels.numel() == len(members)):
-                blob = None  # inconsistent file (should not happen): rebuild
-        except (KeyError, TypeError, AttributeError):
-            blob = None
-        if blob is not None:  # a hit repeats the warnings of the build (refused members, loose images)
-            for note in notes:
-                warnings.warn(note, stacklevel=3)
-            if skipped:
-                _warn_skipped(what, [f"{archive}/{m}" for m in skipped], len(members) + len(skipped), stacklevel=3)
-    if blob is None:
+    key = _cache_key(archive, kind, resize)
+    built = False
+
+    def build(path: Path) -> None:
+        nonlocal built
+        built = True
         with open_archive(archive) as arc:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 listing = select(arc)
             notes = ([_refused_note(archive, arc.refused)] if arc.refused else []) + [str(w.message) for w in caught]
             for note in notes:
-                warnings.warn(note, stacklevel=3)
+                warnings.warn(note, stacklevel=4)
             order: list[str] = []
-            decoded = decode_chunks(_chunks(arc.stream(listing.files), order), len(listing.files), resize,
-                                    workers, what)
-        by_name = dict(zip(order, decoded))
-        in_listing = [by_name[m] for m in listing.files]
-        images, keep = stack_decoded([f"{archive}/{m}" for m in listing.files], in_listing, what)
-        kept = keep.nonzero().flatten().tolist()
-        members = [listing.files[i] for i in kept]
-        labels = torch.tensor([listing.labels[i] for i in kept], dtype=torch.int64)
-        skipped = [m for m, k in zip(listing.files, keep.tolist()) if not k]
-        classes = list(listing.classes)
-        write_cache({"images": images, "labels": labels, "members": members, "classes": classes,
-                     "skipped": skipped, "notes": notes}, cache_file)
-    return images, labels, [f"{archive}/{m}" for m in members], classes
+            decoded = decode_stream(_chunks(arc.stream(listing.files), order), len(listing.files), resize, workers,
+                                    what)
+            write_store(path, key, _in_listing_order(decoded, order, listing.files), listing.files, listing.labels,
+                        listing.classes, what, notes, prefix=f"{archive}/")
+
+    store = cached_store(cache_root(), key, build, what, keep=cache, prefix=f"{archive}/")
+    if not built:  # a hit repeats the warnings of the build (refused members, loose images)
+        for note in store.notes:
+            warnings.warn(note, stacklevel=3)
+    return store.images, store.labels, [f"{archive}/{m}" for m in store.paths], store.classes
+
+
+def _in_listing_order(decoded: Iterable[list], order: list[str], files: list[str]) -> Iterator[list]:
+    """Decoded chunks (archive order, names in ``order`` as read) in the listing's order.
+
+    Zips and plain tars are read in listing order, so each chunk passes straight through. A compressed tar
+    is read in archive order: where that differs from the listing's, results wait here until their turn
+    (for a tar written by walking the tree, at most about one folder's worth).
+    """
+    waiting: dict[str, object] = {}
+    want = 0
+    done = 0
+    for chunk in decoded:
+        for d in chunk:
+            waiting[order[done]] = d
+            done += 1
+        out = []
+        while want < len(files) and files[want] in waiting:
+            out.append(waiting.pop(files[want]))
+            want += 1
+        if out:
+            yield out
 
 
 def _refused_note(archive: Path, refused: list[str]) -> str:
     return (f"{archive}: ignored {len(refused)} member(s) that are not plain files at a safe relative path "
-            "(absolute, '..', link or device): " + ", ".join(refused[:_MAX_SHOWN])
-            + (" ..." if len(refused) > _MAX_SHOWN else ""))
+            "(absolute, '..', link or device): " + ", ".join(refused[:MAX_SHOWN])
+            + (" ..." if len(refused) > MAX_SHOWN else ""))
 
 
 def split_member_path(path: str | Path) -> tuple[Path, str]:

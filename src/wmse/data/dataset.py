@@ -30,10 +30,11 @@ __all__ = [
 
 @dataclass
 class ImageDataset:
-    """A whole split held in memory as decoded images.
+    """A whole split of decoded images.
 
     Attributes:
-        images: uint8 ``(N, C, H, W)``, contiguous, on the CPU (C = 1 or 3).
+        images: uint8 ``(N, C, H, W)``, contiguous, on the CPU (C = 1 or 3): in memory for array formats,
+            mapped from the decoded-image store (data/store.py) for image files, shared by every process.
         labels: int64 ``(N,)``; -1 where an image has no label.
         classes: class names; ``labels`` index into this list (empty when unlabeled).
         paths: the source file of each image, or None for array formats.
