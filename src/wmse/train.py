@@ -32,7 +32,8 @@ from .data.loader import BatchLoader
 from .device import cpu_has_native_bf16
 from .errors import RunStopped, TrainingError
 from .methods import METHODS, Method, build_method
-from .optim import build_optimizer
+from .models import uses_channels_last
+from .optim import DEVICE_SKIP, build_optimizer
 from .progress import MetricsLog, Progress
 from .splits import RunData, load_run_data
 from .scoring import diagnostics_record, final_evaluation, format_final, knn_monitor, make_eval_transform
@@ -290,22 +291,22 @@ def build_job(cfg: Config, rt: distributed.Runtime, data: RunData, run_dir: Path
     device = rt.device
     method = build_method(cfg, data.train.images.shape[1]).to(device)
     initial_state = copy.deepcopy(method.state_dict()) if cfg.final_eval else None
-    if cfg.channels_last:
+    if uses_channels_last(cfg.channels_last, method.backbone):
         method = method.to(memory_format=torch.channels_last)
     if cfg.compile:
         # In place: the module keeps its state_dict keys, so checkpoints stay loadable without compile.
         method.backbone.compile()
     train_module = distributed.wrap(method, cfg, rt)
-    sync_every = cfg.sync_every or (cfg.log_every if device.type == "cuda" and cfg.optimizer == "adam" else 1)
+    sync_every = cfg.sync_every or (cfg.log_every if device.type == "cuda" and cfg.optimizer in DEVICE_SKIP else 1)
     # Fused Adam: one kernel for all parameters, and it can skip a step on the device (found_inf). Kept off
     # on the CPU unless the step is skipped there: the unfused update is the one the CPU figures were taken with.
-    optimizer = build_optimizer(method.trainable_parameters(), cfg,
+    optimizer = build_optimizer(method.named_trainable_parameters(), cfg,
                                 fused=device.type == "cuda" or sync_every > 1)
     augment = Augmenter(augment_config(cfg), data.mean, data.std)
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * rt.rank)
     loader = BatchLoader(data.train.images, cfg.batch_size, seed=cfg.seed, device=device,
                          rank=rt.rank, world_size=rt.world_size)
-    transform = make_eval_transform(cfg, data.mean, data.std, device, cfg.channels_last)
+    transform = make_eval_transform(cfg, data.mean, data.std, device, uses_channels_last(cfg.channels_last, method.backbone))
     return Job(cfg, rt, log, data, method, train_module, optimizer, augment, aug_gen, loader, transform, run_dir,
                initial_state, BufferGuard(method, frozen=sync_every > 1), sync_every)
 
@@ -443,7 +444,7 @@ def train_step(job: Job, state: TrainState, views: list[torch.Tensor]) -> tuple[
 def _forward(job: Job, views: list[torch.Tensor]) -> torch.Tensor:
     """The views through the method: the step's loss (buffers saved first)."""
     cfg = job.cfg
-    if cfg.channels_last:
+    if uses_channels_last(cfg.channels_last, job.method.backbone):
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     job.buffers.save()
     with torch.autocast(job.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):

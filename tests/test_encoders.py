@@ -1,0 +1,155 @@
+"""Encoders by name (timm:NAME, torchvision:NAME): sizes, errors, exports that load back into their library,
+and the training loop with a ViT (bf16, channels_last, compile, resume, DDP) and BatchNorm-free encoders."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torchvision
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+timm = pytest.importorskip("timm")  # a dependency of wmse; skipped only in an environment without it
+
+from wmse.config import validate  # noqa: E402
+from wmse.methods import METHODS, build_method  # noqa: E402
+from wmse.models import ARCHS, backbone_description, build_backbone, uses_channels_last  # noqa: E402
+
+VIT = "timm:vit_tiny_patch16_224"
+TINY_VIT = {"embed_dim": 16, "depth": 1, "num_heads": 2}
+CONVNEXT = "timm:convnext_atto"
+TINY_CONVNEXT = {"dims": [8, 16, 16, 16], "depths": [1, 1, 1, 1]}
+
+
+def _out(model: nn.Module, size: int, channels: int) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("size, patch, grid", [(28, 4, 7), (32, 4, 8), (64, 8, 8), (96, 8, 12), (112, 16, 7)])
+def test_vit_patch_size_follows_image_size(size, patch, grid):
+    model = build_backbone(VIT, size, 1, TINY_VIT)
+    assert model.patch_embed.patch_size == (patch, patch) and model.patch_embed.grid_size == (grid, grid)
+    assert model.out_dim == 16 and _out(model, size, 1).shape == (3, 16)
+    assert model.backbone_spec["kwargs"]["img_size"] == size and model.channels_last is False
+
+
+@pytest.mark.parametrize("size, patch", [(28, 1), (32, 1), (64, 2), (112, 4)])
+def test_convnext_stem_stride_follows_image_size(size, patch):
+    model = build_backbone(CONVNEXT, size, 3, TINY_CONVNEXT)
+    assert model.stem[0].stride == (patch, patch)
+    assert "img_size" not in model.backbone_spec["kwargs"]  # ConvNeXt takes none: dropped, not passed
+    assert model.out_dim == 16 and _out(model, size, 3).shape == (3, 16) and model.channels_last is True
+
+
+def test_user_patch_size_wins_and_feature_width_is_read_from_the_model():
+    model = build_backbone(VIT, 32, 3, {**TINY_VIT, "patch_size": 8, "embed_dim": 24, "num_heads": 3})
+    assert model.patch_embed.grid_size == (4, 4) and model.out_dim == 24
+
+
+def test_torchvision_models_lose_their_classifier_and_take_the_data_channels():
+    resnet = build_backbone("torchvision:resnet18", 32, 1)
+    assert isinstance(resnet.fc, nn.Identity) and resnet.conv1.in_channels == 1 and resnet.out_dim == 512
+    mobilenet = build_backbone("torchvision:mobilenet_v3_small", 32, 3)
+    # Its classifier is Linear-Hardswish-Dropout-Linear: only the last Linear goes.
+    assert isinstance(mobilenet.classifier[3], nn.Identity) and mobilenet.out_dim == 1024
+    assert _out(mobilenet, 32, 3).shape == (3, 1024)
+
+
+@pytest.mark.parametrize("arch, kwargs, size, words", [
+    (VIT, TINY_VIT, 30, "cannot take 30 px images: its 4 px patches"),
+    ("torchvision:convnext_tiny", None, 28, "cannot take 28 px images"),
+    ("timm:not_a_model", None, 32, "unknown timm model 'not_a_model'"),
+    ("torchvision:not_a_model", None, 32, "unknown torchvision classification model"),
+    ("resnet18", {"depth": 2}, 32, "arch_kwargs"),
+    (VIT, "[1, 2]", 32, "field 'arch_kwargs' must be a JSON object"),
+])
+def test_impossible_encoders_are_one_line_value_errors(arch, kwargs, size, words):
+    with pytest.raises(ValueError) as info:
+        build_backbone(arch, size, 3, kwargs)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_registry_and_validation_know_library_names(make_config, tmp_path):
+    assert "timm:NAME" in ARCHS.names() and "torchvision:NAME" in ARCHS.names()
+    assert VIT in ARCHS and "torchvision:resnet50" in ARCHS and "timm:nope" not in ARCHS
+    with pytest.raises(ValueError, match="unknown arch 'vit'; choose one of .*timm:NAME, torchvision:NAME"):
+        ARCHS.check("vit")
+    cfg = make_config(tmp_path, tmp_path, arch=VIT, arch_kwargs=json.dumps(TINY_VIT))
+    validate(cfg)
+    with pytest.raises(ValueError, match="unknown timm model"):
+        validate(cfg.replace(arch="timm:nope"))
+    with pytest.raises(ValueError, match="applies to timm:NAME and torchvision:NAME"):
+        validate(cfg.replace(arch="small"))
+
+
+def test_the_projection_head_takes_the_encoders_width(make_config, tmp_path):
+    cfg = make_config(tmp_path, tmp_path, arch=VIT, arch_kwargs=json.dumps({**TINY_VIT, "embed_dim": 12}))
+    method = build_method(cfg, 3)
+    assert method.head[0].in_features == 12
+    assert [z.shape for z in method.embed([torch.randn(4, 3, 16, 16)] * 2)] == [(4, cfg.emb)] * 2
+
+
+def test_channels_last_only_for_convolutional_encoders():
+    assert uses_channels_last(True, build_backbone("small", 16, 1))
+    assert uses_channels_last(True, build_backbone(CONVNEXT, 16, 1, TINY_CONVNEXT))
+    assert not uses_channels_last(True, build_backbone(VIT, 16, 1, TINY_VIT))
+    assert not uses_channels_last(False, build_backbone("small", 16, 1))
+
+
+# --- exports: the README's lines, run as written, rebuild each family and load strictly
+
+
+def _export(model: nn.Module, arch: str, size: int, channels: int, tmp_path):
+    """What `wmse embed` writes: backbone.safetensors and backbone.json."""
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "backbone.safetensors"))
+    (tmp_path / "backbone.json").write_text(json.dumps(backbone_description(model, arch, size, channels)))
+    return json.loads((tmp_path / "backbone.json").read_text()), str(tmp_path / "backbone.safetensors")
+
+
+def _readme_timm(spec, weights):
+    model = timm.create_model(spec["name"], **spec["kwargs"]); model.load_state_dict(load_file(weights), strict=True)  # noqa: E702
+    return model
+
+
+def _readme_torchvision(spec, weights):
+    model = torchvision.models.get_model(spec["name"], **spec["kwargs"])
+    for path, layer in spec["replace"].items():
+        model.set_submodule(path, getattr(torch.nn, layer["type"])(**layer.get("kwargs", {})))
+    model.load_state_dict(load_file(weights), strict=True)
+    return model
+
+
+def _readme_resnet18_32px(weights, channels):
+    model = torchvision.models.resnet18(); model.conv1 = torch.nn.Conv2d(channels, 64, 3, 1, 1, bias=False)  # noqa: E702
+    model.maxpool = torch.nn.Identity(); model.fc = torch.nn.Identity()  # noqa: E702
+    model.load_state_dict(load_file(weights), strict=True)
+    return model
+
+
+@pytest.mark.parametrize("arch, kwargs, size, channels, rebuild", [
+    (VIT, TINY_VIT, 32, 3, _readme_timm),
+    (CONVNEXT, TINY_CONVNEXT, 28, 1, _readme_timm),
+    ("torchvision:mobilenet_v3_small", None, 32, 1, _readme_torchvision),
+    ("resnet18", None, 32, 1, _readme_torchvision),
+    ("resnet18", None, 64, 3, _readme_torchvision),
+])
+def test_exports_load_back_into_their_library(arch, kwargs, size, channels, rebuild, tmp_path):
+    model = build_backbone(arch, size, channels, kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # weights unlike any fresh init
+    spec, weights = _export(model, arch, size, channels, tmp_path)
+    assert spec["library"] == arch.partition(":")[0] if ":" in arch else spec["library"] == "torchvision"
+    torch.testing.assert_close(_out(rebuild(spec, weights), size, channels), _out(model, size, channels))
+
+
+def test_wmse_resnet18_is_torchvision_resnet18_with_the_readme_stem(tmp_path):
+    model = build_backbone("resnet18", 32, 1)
+    _, weights = _export(model, "resnet18", 32, 1, tmp_path)
+    torch.testing.assert_close(_out(_readme_resnet18_32px(weights, 1), 32, 1), _out(model, 32, 1))
