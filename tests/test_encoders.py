@@ -4,6 +4,7 @@ and the training loop with a ViT (bf16, channels_last, compile, resume, DDP) and
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 
@@ -39,10 +40,12 @@ def test_vit_patch_size_follows_image_size(size, patch, grid):
     assert model.backbone_spec["kwargs"]["img_size"] == size and model.channels_last is False
 
 
-@pytest.mark.parametrize("size, patch", [(28, 1), (32, 1), (64, 2), (112, 4)])
-def test_convnext_stem_stride_follows_image_size(size, patch):
+@pytest.mark.parametrize("size, patch, last", [(28, 1, 3), (32, 1, 4), (33, 4, 1), (64, 4, 2), (96, 4, 3)])
+def test_convnext_stem_stride_follows_image_size(size, patch, last):
     model = build_backbone(CONVNEXT, size, 3, TINY_CONVNEXT)
     assert model.stem[0].stride == (patch, patch)
+    with torch.no_grad():
+        assert model.forward_features(torch.zeros(1, 3, size, size)).shape[-2:] == (last, last)
     assert "img_size" not in model.backbone_spec["kwargs"]  # ConvNeXt takes none: dropped, not passed
     assert model.out_dim == 16 and _out(model, size, 3).shape == (3, 16) and model.channels_last is True
 
@@ -153,3 +156,110 @@ def test_wmse_resnet18_is_torchvision_resnet18_with_the_readme_stem(tmp_path):
     model = build_backbone("resnet18", 32, 1)
     _, weights = _export(model, "resnet18", 32, 1, tmp_path)
     torch.testing.assert_close(_out(_readme_resnet18_32px(weights, 1), 32, 1), _out(model, 32, 1))
+
+
+# --- the training loop with encoders that have no BatchNorm
+
+
+def _views(n: int = 32, size: int = 16) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(n, 3, size, size, generator=g) for _ in range(2)]
+
+
+# Per method: the fields a tiny batch needs (CW-RGP whitens emb / cw_groups channels against w_size images).
+TINY_FIELDS = {"cwrgp": dict(emb=32, w_size=8, cw_groups=2), "dbn": dict(dbn_groups=2)}
+
+
+@pytest.mark.parametrize("arch, kwargs", [(VIT, TINY_VIT), (CONVNEXT, TINY_CONVNEXT)])
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_method_trains_a_batchnorm_free_encoder(method, arch, kwargs, make_config, tmp_path):
+    cfg = make_config(tmp_path, tmp_path, method=method, arch=arch, arch_kwargs=json.dumps(kwargs),
+                      **TINY_FIELDS.get(method, {}))
+    m = build_method(cfg, 3)
+    assert not any(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.backbone.modules())
+    loss = m.loss(_views())
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in m.backbone.parameters() if p.grad is not None]
+    assert grads and any(bool(g.abs().sum() > 0) for g in grads)
+    m.on_step(1, 10)  # BYOL: the target follows the online network
+
+
+def _losses(run) -> list[float]:
+    from wmse.progress import read_metrics
+
+    return [r["loss"] for r in read_metrics(run) if r["kind"] == "train"]
+
+
+def test_vit_trains_in_bf16_with_adamw_and_resumes_exactly(tiny_folder, tmp_path, make_config):
+    from wmse.checkpoint import load_checkpoint
+    from wmse.train import pretrain
+
+    kw = dict(arch=VIT, arch_kwargs=json.dumps(TINY_VIT), precision="bf16", channels_last=True, optimizer="adamw",
+              weight_decay=0.05, epochs=2, eval_every=100)
+    full = pretrain(make_config(tiny_folder, tmp_path / "a", **kw), log=lambda m: None)
+    cfg = make_config(tiny_folder, tmp_path / "b", max_steps=4, **kw)  # stops inside epoch 2
+    part = pretrain(cfg, log=lambda m: None)
+    pretrain(cfg.replace(max_steps=None), resume=part, log=lambda m: None)
+    assert len(_losses(full)) == 6 and all(map(math.isfinite, _losses(full)))
+    assert _losses(part) == _losses(full)
+    a, b = load_checkpoint(full)["method"], load_checkpoint(part)["method"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "backbone.pos_embed" in a and "backbone.cls_token" in a
+
+
+def test_vit_compiles_in_the_loop(tiny_folder, tmp_path, make_config, monkeypatch):
+    """--compile with a ViT: dynamo captures the timm model's forward and backward (aot_eager: the graphs
+    inductor would compile, without the minutes of C++ code generation a CPU test cannot afford)."""
+    from wmse.train import pretrain
+
+    compile_ = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compile_(self, backend="aot_eager", **kw))
+    torch._dynamo.reset()
+    cfg = make_config(tiny_folder, tmp_path, arch=VIT, arch_kwargs=json.dumps(TINY_VIT), compile=True, max_steps=2,
+                      eval_every=100)
+    run = pretrain(cfg, log=lambda m: None)
+    assert len(_losses(run)) == 2 and all(map(math.isfinite, _losses(run)))
+    torch._dynamo.reset()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, port: int, cfg) -> None:
+    from wmse.train import pretrain
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    pretrain(cfg, log=lambda m: None)
+
+
+def test_vit_trains_with_ddp_on_two_processes(tiny_folder, tmp_path, make_config):
+    from wmse.checkpoint import load_checkpoint
+
+    cfg = make_config(tiny_folder, tmp_path, arch=VIT, arch_kwargs=json.dumps(TINY_VIT), max_steps=2, eval_every=100,
+                      optimizer="adamw")
+    mp.start_processes(_ddp_worker, args=(_free_port(), cfg), nprocs=2, start_method="fork")
+    run = tmp_path / "run"
+    assert len(_losses(run)) == 2 and all(map(math.isfinite, _losses(run)))
+    assert load_checkpoint(run)["world_size"] == 2 and load_checkpoint(run)["step"] == 2
+
+
+def test_embed_writes_a_vit_that_timm_rebuilds(tiny_folder, tmp_path, make_config):
+    from wmse.train import pretrain
+    from wmse.trained import embed_run, load_exported_backbone, load_run
+
+    run = pretrain(make_config(tiny_folder, tmp_path, arch=VIT, arch_kwargs=json.dumps(TINY_VIT), max_steps=1,
+                               eval_every=100), log=lambda m: None)
+    files = embed_run(run, out_dir=tmp_path / "emb", log=lambda m: None)
+    spec = json.loads(files["backbone_spec"].read_text())
+    assert (spec["library"], spec["name"], spec["arch"], spec["out_dim"]) == ("timm", VIT[5:], VIT, 16)
+    model = _readme_timm(spec, str(files["backbone"]))
+    trained = load_run(run).method.backbone.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), trained(x))
+        torch.testing.assert_close(load_exported_backbone(files["backbone"])(x), trained(x))

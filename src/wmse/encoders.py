@@ -14,8 +14,10 @@ take S px images" into one clear error).
     e.g. Lee et al. 2021 "Vision Transformer for Small-Size Datasets", omihub777/ViT-CIFAR), 8 px
     up to 96 px (8x8 tokens at 64 px, 12x12 at STL-10's 96 px). A 16 px patch would leave 4 tokens.
   - ConvNeXt (its stem is a stride-``patch_size`` patchify convolution, then three 2x downsamplings):
-    the total stride of wmse's ResNet stems, 8 up to 32 px (patch 1) and 16 up to 96 px (patch 2).
-    With its ImageNet stem (stride 32) a 28 px image is downsampled to nothing.
+    patch 1 up to 32 px, a total stride of 8 as wmse's CIFAR ResNet stem (32 px -> a 4x4 last map); with its
+    ImageNet stem (total stride 32) a 28 px image is downsampled to nothing. Above 32 px its own stem (timm
+    adds a downsampling to stage 0 after a stride-2 stem, so patch 2 would not give stride 16):
+    64 px -> 2x2, 96 px -> 3x3 last map.
 
 * **torchvision**: ``torchvision.models.get_model(NAME, weights=None)`` (``image_size=S`` for models that
   take one, e.g. ``vit_b_16``), its last ``nn.Linear`` (the classifier) replaced by ``nn.Identity`` and,
@@ -69,7 +71,7 @@ def small_image_patch(name: str, image_size: int) -> int | None:
     if image_size > SMALL_IMAGE_MAX:
         return None
     if timm.models.is_model_in_modules(name, ["convnext"]):
-        return 1 if image_size <= 32 else 2
+        return 1 if image_size <= 32 else None
     return 4 if image_size <= 32 else 8
 
 
