@@ -263,3 +263,17 @@ def test_embed_writes_a_vit_that_timm_rebuilds(tiny_folder, tmp_path, make_confi
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), trained(x))
         torch.testing.assert_close(load_exported_backbone(files["backbone"])(x), trained(x))
+
+
+def test_cli_image_size_a_vit_cannot_take_is_one_line_and_leaves_no_run(tiny_folder, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "wmse", "pretrain", "--dataset", "folder", "--data_dir", str(tiny_folder),
+                           "--eval_split", "none", "--arch", VIT, "--arch_kwargs", json.dumps(TINY_VIT),
+                           "--image_size", "18", "--batch_size", "32", "--w_size", "16", "--emb", "8",
+                           "--out_dir", str(tmp_path / "runs")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("wmse pretrain: error: timm:vit_tiny_patch16_224 cannot take 18 px images"), line
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
