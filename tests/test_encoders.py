@@ -277,3 +277,20 @@ def test_cli_image_size_a_vit_cannot_take_is_one_line_and_leaves_no_run(tiny_fol
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("wmse pretrain: error: timm:vit_tiny_patch16_224 cannot take 18 px images"), line
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_an_arch_registered_outside_wmse_exports_without_a_rebuild_description():
+    from wmse.models import Arch
+
+    def build(size, channels):
+        net = nn.Sequential(nn.Conv2d(channels, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        net.out_dim = 4
+        return net
+
+    ARCHS.add("toy_outside", Arch(build, 4))
+    try:
+        model = build_backbone("toy_outside", 16, 1)
+        assert backbone_description(model, "toy_outside", 16, 1)["library"] is None
+        assert uses_channels_last(True, model)
+    finally:
+        ARCHS.remove("toy_outside")

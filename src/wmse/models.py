@@ -13,6 +13,8 @@ image size        conv1                                       maxpool
 ================  ==========================================  =================================
 
 ``small`` is a four-block conv net for CPU demos (Fashion-MNIST at 28 px in a few minutes).
+``timm:NAME`` and ``torchvision:NAME`` are any model of those libraries (:mod:`wmse.encoders`).
+Every backbone carries ``backbone_spec``, the description its library rebuilds it from (``backbone.json``).
 """
 
 from __future__ import annotations
@@ -271,7 +273,9 @@ def uses_channels_last(wanted: bool, backbone: nn.Module) -> bool:
 def backbone_description(backbone: nn.Module, arch: str, image_size: int, in_channels: int) -> dict:
     """What ``wmse embed`` writes as backbone.json: ``library``, ``name``, ``kwargs``, ``replace`` (the submodules
     put in place after construction), plus wmse's arch, image_size, in_channels and out_dim."""
-    return {"format": "wmse-backbone-1", **backbone.backbone_spec, "arch": arch, "image_size": image_size,
+    # An arch registered outside wmse may carry no description: its own code rebuilds it (library None).
+    spec = getattr(backbone, "backbone_spec", None) or {"library": None, "name": arch, "kwargs": {}}
+    return {"format": "wmse-backbone-1", **spec, "arch": arch, "image_size": image_size,
             "in_channels": in_channels, "out_dim": backbone.out_dim}
 
 

@@ -148,9 +148,10 @@ def load_exported_backbone(path: str | Path) -> nn.Module:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     arch, size, chans = meta.get("arch"), int(meta.get("image_size", 0)), int(meta.get("in_channels", 3))
-    if "spec" in meta:
-        model = rebuild_backbone(json.loads(meta["spec"]))
-    else:  # exported before the description was written
+    spec = json.loads(meta.get("spec", "{}"))
+    if spec.get("library"):
+        model = rebuild_backbone(spec)
+    else:  # exported before the description was written, or an arch registered outside wmse
         model = torchvision_resnet(arch, size, chans) if ARCHS[arch].resnet else build_backbone(arch, size, chans)
     model.load_state_dict(load_file(str(path)), strict=True)
     return model.eval()
