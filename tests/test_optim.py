@@ -44,7 +44,7 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 5) -> None
 
 def test_adamw_matches_torch_adamw_on_hand_written_groups():
     torch.manual_seed(0)
-    ours, ref = TinyViTLike(), None
+    ours = TinyViTLike()
     ref = copy.deepcopy(ours)
     cfg = Config(optimizer="adamw", lr=0.05, weight_decay=0.3)
     opt = build_optimizer(ours.named_parameters(), cfg)
@@ -87,3 +87,17 @@ def test_bare_parameters_still_build_every_optimizer():
 def test_unknown_optimizer_names_the_choices():
     with pytest.raises(ValueError, match="unknown optimizer 'lamb'.*adamw"):
         build_optimizer(TinyViTLike().parameters(), Config(optimizer="lamb"))
+
+
+def test_fused_adamw_skips_a_step_on_the_device():
+    """The loop's sync_every > 1 sets ``found_inf``: fused AdamW must leave weights and step count alone."""
+    model = TinyViTLike()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = build_optimizer(model.named_parameters(), Config(optimizer="adamw", weight_decay=0.1), fused=True)
+    model(torch.randn(6, 1, 4, 4)).square().mean().backward()
+    opt.found_inf = torch.ones(())
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt.found_inf = torch.zeros(())
+    opt.step()
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
