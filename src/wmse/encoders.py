@@ -52,8 +52,8 @@ def check_name(library: str, name: str) -> None:
         import timm
 
         if not name or not timm.is_model(name):
-            raise ValueError(f"unknown timm model {name!r}; `python -c \"import timm; print(timm.list_models('*vit*'))\"` "
-                             "lists them")
+            raise ValueError(f"unknown timm model {name!r}; timm.list_models('*vit*') lists the ViTs, "
+                             "timm.list_models() all of them")
     elif library == "torchvision":
         from torchvision import models
 

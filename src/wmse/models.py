@@ -233,16 +233,18 @@ def parse_arch_kwargs(text: str | dict | None) -> dict[str, Any]:
     """``--arch_kwargs`` (a JSON object, e.g. ``'{"depth": 4}'``) as a dict; ValueError naming the field."""
     if text is None or isinstance(text, dict):
         return dict(text or {})
+    expected = f"field 'arch_kwargs' must be a JSON object such as '{{\"depth\": 4}}', got {text!r}"
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"field 'arch_kwargs' must be a JSON object such as '{{\"depth\": 4}}', got {text!r} ({e.msg})") from None
+        raise ValueError(f"{expected} ({e.msg})") from None
     if not isinstance(value, dict):
-        raise ValueError(f"field 'arch_kwargs' must be a JSON object such as '{{\"depth\": 4}}', got {text!r}")
+        raise ValueError(expected)
     return value
 
 
-def build_backbone(arch: str, image_size: int, in_channels: int = 3, arch_kwargs: str | dict | None = None) -> nn.Module:
+def build_backbone(arch: str, image_size: int, in_channels: int = 3,
+                   arch_kwargs: str | dict | None = None) -> nn.Module:
     """The encoder E of a name of :data:`ARCHS`: (B, in_channels, H, W) float -> (B, out_dim).
 
     For ResNets the returned module *is* ``torchvision_resnet(arch, image_size, in_channels)``

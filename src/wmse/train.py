@@ -291,7 +291,8 @@ def build_job(cfg: Config, rt: distributed.Runtime, data: RunData, run_dir: Path
     device = rt.device
     method = build_method(cfg, data.train.images.shape[1]).to(device)
     initial_state = copy.deepcopy(method.state_dict()) if cfg.final_eval else None
-    if uses_channels_last(cfg.channels_last, method.backbone):
+    channels_last = uses_channels_last(cfg.channels_last, method.backbone)  # convnets only, not ViTs
+    if channels_last:
         method = method.to(memory_format=torch.channels_last)
     if cfg.compile:
         # In place: the module keeps its state_dict keys, so checkpoints stay loadable without compile.
@@ -306,7 +307,7 @@ def build_job(cfg: Config, rt: distributed.Runtime, data: RunData, run_dir: Path
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * rt.rank)
     loader = BatchLoader(data.train.images, cfg.batch_size, seed=cfg.seed, device=device,
                          rank=rt.rank, world_size=rt.world_size)
-    transform = make_eval_transform(cfg, data.mean, data.std, device, uses_channels_last(cfg.channels_last, method.backbone))
+    transform = make_eval_transform(cfg, data.mean, data.std, device, channels_last)
     return Job(cfg, rt, log, data, method, train_module, optimizer, augment, aug_gen, loader, transform, run_dir,
                initial_state, BufferGuard(method, frozen=sync_every > 1), sync_every)
 
