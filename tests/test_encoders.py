@@ -71,6 +71,7 @@ def test_torchvision_models_lose_their_classifier_and_take_the_data_channels():
     ("torchvision:not_a_model", None, 32, "unknown torchvision classification model"),
     ("resnet18", {"depth": 2}, 32, "arch_kwargs"),
     (VIT, "[1, 2]", 32, "field 'arch_kwargs' must be a JSON object"),
+    (CONVNEXT, {"dims": [8, 16, 32], "depths": [1, 1, 1]}, 32, "timm:convnext_atto cannot be built with"),
 ])
 def test_impossible_encoders_are_one_line_value_errors(arch, kwargs, size, words):
     with pytest.raises(ValueError) as info:

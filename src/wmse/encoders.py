@@ -174,7 +174,7 @@ def build_library_encoder(library: str, name: str, image_size: int, in_channels:
                           "replace": {}}, ("image_size",) if "image_size" not in extra else ()
     try:
         model, spec = _create(spec, optional)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+    except Exception as e:  # whatever the library's constructor raises on arguments it cannot take
         raise ValueError(f"{library}:{name} cannot be built with {spec['kwargs']}: {_first_line(e)}") from None
     if library == "torchvision":
         _torchvision_finish(model, spec, in_channels)
