@@ -13,28 +13,38 @@ image size        conv1                                       maxpool
 ================  ==========================================  =================================
 
 ``small`` is a four-block conv net for CPU demos (Fashion-MNIST at 28 px in a few minutes).
+``timm:NAME`` and ``torchvision:NAME`` are any model of those libraries (:mod:`wmse.encoders`).
+Every backbone carries ``backbone_spec``, the description its library rebuilds it from (``backbone.json``).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from torchvision import models as tv_models
 
+from .encoders import LIBRARIES, build_library_encoder, check_name, layer_spec, rebuild
 from .registry import Registry
 
 __all__ = [
     "ARCHS",
     "Arch",
+    "ArchRegistry",
     "RESNET_OUT_DIM",
     "SmallConvNet",
     "ProjectionHead",
+    "backbone_description",
     "build_backbone",
+    "parse_arch_kwargs",
+    "rebuild_backbone",
+    "resnet_spec",
     "stem_kind",
     "torchvision_resnet",
+    "uses_channels_last",
 ]
 
 # Feature width after global pooling of each torchvision ResNet.
@@ -148,42 +158,140 @@ class Arch:
     """An encoder architecture: ``build(image_size, in_channels)`` -> module (B, C, H, W) -> (B, out_dim).
 
     ``resnet``: the module is a plain torchvision ResNet (exported weights load into
-    :func:`torchvision_resnet`).
+    :func:`torchvision_resnet`). ``family`` (``"timm"`` / ``"torchvision"``): the entry stands for every
+    ``family:NAME`` (:mod:`wmse.encoders`); ``out_dim`` is then None (read from the model).
     """
 
-    build: Callable[[int, int], nn.Module]
-    out_dim: int
+    build: Callable[[int, int], nn.Module] | None
+    out_dim: int | None
     resnet: bool = False
+    family: str | None = None
+
+
+class ArchRegistry(Registry[Arch]):
+    """:class:`Registry` whose ``timm:NAME`` / ``torchvision:NAME`` entries resolve every ``timm:...`` name.
+
+    Looking up ``"timm:convnext_atto"`` checks that the library has the model and returns the family's entry;
+    ``names()`` lists the family entries as ``timm:NAME`` (what validation and error messages show).
+    """
+
+    def get(self, name: str, arg: str | None = None) -> Arch:
+        family, sep, model = name.partition(":") if isinstance(name, str) else ("", "", "")
+        entry = self._items.get(f"{family}:NAME") if sep else None
+        if entry is None:
+            return super().get(name, arg)
+        try:
+            check_name(family, model)
+        except ValueError as e:
+            raise ValueError(f"{arg}: {e}" if arg else str(e)) from None
+        return entry
+
+    def __contains__(self, name: object) -> bool:
+        try:
+            self.get(name)  # type: ignore[arg-type]
+        except ValueError:
+            return False
+        return True
 
 
 def _resnet(arch: str) -> Callable[[int, int], nn.Module]:
     def build(image_size: int, in_channels: int) -> nn.Module:
         model = torchvision_resnet(arch, image_size, in_channels)
         model.out_dim = RESNET_OUT_DIM[arch]
+        model.backbone_spec = resnet_spec(arch, model)
         return model
 
     return build
 
 
+def resnet_spec(arch: str, model: nn.Module) -> dict:
+    """The description (:func:`wmse.encoders.rebuild`) of a :func:`torchvision_resnet`: torchvision's
+    ``arch`` with this model's conv1, maxpool and fc (Identity) put in place."""
+    replace = {"conv1": layer_spec(model.conv1)}
+    if isinstance(model.maxpool, nn.Identity):
+        replace["maxpool"] = layer_spec(model.maxpool)
+    replace["fc"] = {"type": "Identity"}
+    return {"library": "torchvision", "name": arch, "kwargs": {}, "replace": replace}
+
+
 def _small(image_size: int, in_channels: int) -> nn.Module:
     stem_kind(image_size)  # validates image_size
-    return SmallConvNet(in_channels)
+    model = SmallConvNet(in_channels)
+    model.backbone_spec = {"library": "wmse", "name": "small", "kwargs": {"in_channels": in_channels}}
+    return model
 
 
-ARCHS: Registry[Arch] = Registry("arch")
+ARCHS: ArchRegistry = ArchRegistry("arch")
 for _name in _RESNET_FACTORIES:
     ARCHS.add(_name, Arch(_resnet(_name), RESNET_OUT_DIM[_name], resnet=True))
 ARCHS.add("small", Arch(_small, 256))
+for _library in LIBRARIES:
+    ARCHS.add(f"{_library}:NAME", Arch(None, None, family=_library))
 
 
-def build_backbone(arch: str, image_size: int, in_channels: int = 3) -> nn.Module:
+def parse_arch_kwargs(text: str | dict | None) -> dict[str, Any]:
+    """``--arch_kwargs`` (a JSON object, e.g. ``'{"depth": 4}'``) as a dict; ValueError naming the field."""
+    if text is None or isinstance(text, dict):
+        return dict(text or {})
+    expected = f"field 'arch_kwargs' must be a JSON object such as '{{\"depth\": 4}}', got {text!r}"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{expected} ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(expected)
+    return value
+
+
+def build_backbone(arch: str, image_size: int, in_channels: int = 3,
+                   arch_kwargs: str | dict | None = None) -> nn.Module:
     """The encoder E of a name of :data:`ARCHS`: (B, in_channels, H, W) float -> (B, out_dim).
 
     For ResNets the returned module *is* ``torchvision_resnet(arch, image_size, in_channels)``
     (same class, same state_dict keys) with an extra ``out_dim`` attribute (512 for
     resnet18/34, 2048 for resnet50). ``"small"`` gives a :class:`SmallConvNet` (out_dim 256).
+    ``timm:NAME`` / ``torchvision:NAME``: :func:`wmse.encoders.build_library_encoder`, with ``arch_kwargs``
+    (a JSON object or dict) passed to the model's constructor.
+
+    Every module carries ``backbone_spec``, the description :func:`rebuild_backbone` rebuilds it from, and
+    ``channels_last`` (whether the channels_last memory format helps it: convolutional nets, not ViTs).
     """
-    return ARCHS[arch].build(image_size, in_channels)
+    entry = ARCHS.get(arch, "arch")
+    kwargs = parse_arch_kwargs(arch_kwargs)
+    if entry.family is not None:
+        return build_library_encoder(entry.family, arch.partition(":")[2], image_size, in_channels, kwargs)
+    if kwargs:
+        raise ValueError(f"field 'arch_kwargs' applies to timm:NAME and torchvision:NAME archs, not {arch!r}")
+    model = entry.build(image_size, in_channels)
+    model.channels_last = True
+    return model
+
+
+def uses_channels_last(wanted: bool, backbone: nn.Module) -> bool:
+    """``--channels_last`` where it helps: convolutional backbones, not transformers (``backbone.channels_last``)."""
+    return wanted and getattr(backbone, "channels_last", True)
+
+
+def backbone_description(backbone: nn.Module, arch: str, image_size: int, in_channels: int) -> dict:
+    """What ``wmse embed`` writes as backbone.json: ``library``, ``name``, ``kwargs``, ``replace`` (the submodules
+    put in place after construction), plus wmse's arch, image_size, in_channels and out_dim."""
+    # An arch registered outside wmse may carry no description: its own code rebuilds it (library None).
+    spec = getattr(backbone, "backbone_spec", None) or {"library": None, "name": arch, "kwargs": {}}
+    return {"format": "wmse-backbone-1", **spec, "arch": arch, "image_size": image_size,
+            "in_channels": in_channels, "out_dim": backbone.out_dim}
+
+
+def rebuild_backbone(spec: dict) -> nn.Module:
+    """The module a backbone description (``backbone.json`` of ``wmse embed``) names, random weights.
+
+    Library models are built by their library alone (:func:`wmse.encoders.rebuild`); ``"wmse"`` names
+    wmse's own :class:`SmallConvNet`.
+    """
+    if spec.get("library") == "wmse":
+        if spec.get("name") != "small":
+            raise ValueError(f"unknown wmse backbone {spec.get('name')!r} in the description")
+        return SmallConvNet(**spec.get("kwargs", {}))
+    return rebuild(spec)
 
 
 class ProjectionHead(nn.Sequential):

@@ -31,8 +31,9 @@ from .data.loader import BatchLoader
 from .device import cpu_has_native_bf16
 from .errors import RunStopped
 from .methods import Method, build_method
+from .models import uses_channels_last
 from .nonfinite import StepGuard, state_is_finite, step_guard
-from .optim import build_optimizer
+from .optim import DEVICE_SKIP, build_optimizer
 from .progress import MetricsLog, Progress
 from .run_directory import RunDirectory
 from .schedule import lr_factor
@@ -201,22 +202,23 @@ def build_job(cfg: Config, rt: distributed.Runtime, data: RunData, run_dir: Path
     device = rt.device
     method = build_method(cfg, data.train.images.shape[1]).to(device)
     initial_state = copy.deepcopy(method.state_dict()) if cfg.final_eval else None
-    if cfg.channels_last:
+    channels_last = uses_channels_last(cfg.channels_last, method.backbone)  # convnets only, not ViTs
+    if channels_last:
         method = method.to(memory_format=torch.channels_last)
     if cfg.compile:
         # In place: the module keeps its state_dict keys, so checkpoints stay loadable without compile.
         method.backbone.compile()
     train_module = distributed.wrap(method, cfg, rt)
-    sync_every = cfg.sync_every or (cfg.log_every if device.type == "cuda" and cfg.optimizer == "adam" else 1)
+    sync_every = cfg.sync_every or (cfg.log_every if device.type == "cuda" and cfg.optimizer in DEVICE_SKIP else 1)
     # Fused Adam: one kernel for all parameters, and it can skip a step on the device (found_inf). Kept off
     # on the CPU unless the step is skipped there: the unfused update is the one the CPU figures were taken with.
-    optimizer = build_optimizer(method.trainable_parameters(), cfg,
+    optimizer = build_optimizer(method.named_trainable_parameters(), cfg,
                                 fused=device.type == "cuda" or sync_every > 1)
     augment = Augmenter(augment_config(cfg), data.mean, data.std)
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * rt.rank)
     loader = BatchLoader(data.train.images, cfg.batch_size, seed=cfg.seed, device=device,
                          rank=rt.rank, world_size=rt.world_size)
-    transform = make_eval_transform(cfg, data.mean, data.std, device, cfg.channels_last)
+    transform = make_eval_transform(cfg, data.mean, data.std, device, channels_last)
     return Job(cfg, rt, log, data, method, train_module, optimizer, augment, aug_gen, loader, transform, run_dir,
                initial_state, sync_every, step_guard(method, device, sync_every))
 
@@ -343,7 +345,7 @@ def _forward(job: Job, views: list[torch.Tensor], step: int) -> torch.Tensor:
     several: the context carries the all-gather (the identity in one process) and the step's seed, from which
     the method draws its random choices (exact after a resume)."""
     cfg = job.cfg
-    if cfg.channels_last:
+    if uses_channels_last(cfg.channels_last, job.method.backbone):
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     ctx = distributed.process_context(job.rt, cfg.seed, step)
     with torch.autocast(job.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):

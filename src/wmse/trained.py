@@ -119,7 +119,8 @@ def evaluate_run(
 
 
 def export_backbone(run: TrainedRun, path: str | Path) -> Path:
-    """The backbone's weights as safetensors, with arch / image_size / in_channels as metadata.
+    """The backbone's weights as safetensors, with arch / image_size / in_channels and the description that
+    rebuilds it (``spec``, see :func:`wmse.models.backbone_description`) as metadata.
 
     For ResNets the keys are those of ``wmse.models.torchvision_resnet(arch, image_size, in_channels)``,
     i.e. a plain torchvision ResNet with the same stem and ``fc = Identity``.
@@ -128,22 +129,32 @@ def export_backbone(run: TrainedRun, path: str | Path) -> Path:
 
     state = {k: v.detach().contiguous().cpu() for k, v in run.method.backbone.state_dict().items()}
     meta = {"arch": run.cfg.arch, "image_size": str(run.cfg.image_size), "in_channels": str(run.in_channels),
-            "format": "wmse-backbone-1"}
+            "format": "wmse-backbone-1", "spec": json.dumps(_description(run))}
     blob = save(state, metadata=meta)
     return write_atomic(path, lambda f: f.write(blob))
 
 
+def _description(run: TrainedRun) -> dict:
+    from .models import backbone_description
+
+    return backbone_description(run.method.backbone, run.cfg.arch, run.cfg.image_size, run.in_channels)
+
+
 def load_exported_backbone(path: str | Path) -> nn.Module:
-    """A model built from exported safetensors: a plain torchvision ResNet (or the small net), strict load."""
+    """A model built from exported safetensors by its library (timm, torchvision; wmse's small net), strict load."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from .models import ARCHS, build_backbone, torchvision_resnet
+    from .models import ARCHS, build_backbone, rebuild_backbone, torchvision_resnet
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     arch, size, chans = meta.get("arch"), int(meta.get("image_size", 0)), int(meta.get("in_channels", 3))
-    model = torchvision_resnet(arch, size, chans) if ARCHS[arch].resnet else build_backbone(arch, size, chans)
+    spec = json.loads(meta.get("spec", "{}"))
+    if spec.get("library"):
+        model = rebuild_backbone(spec)
+    else:  # exported before the description was written, or an arch registered outside wmse
+        model = torchvision_resnet(arch, size, chans) if ARCHS[arch].resnet else build_backbone(arch, size, chans)
     model.load_state_dict(load_file(str(path)), strict=True)
     return model.eval()
 
@@ -158,7 +169,8 @@ def embed_run(
     device: str = "auto",
     log=None,
 ) -> dict[str, Path]:
-    """Write features.npy (float32), labels.npy (int64), paths.txt (image folders) and backbone.safetensors."""
+    """Write features.npy (float32), labels.npy (int64), paths.txt (image folders), backbone.safetensors and
+    backbone.json (what rebuilds the backbone: library, name, kwargs; README "Encoders")."""
     log = log or (lambda m: print(m, file=sys.stderr))
     dev = resolve_device(device)
     run = load_run(run_or_checkpoint, dev)
@@ -170,7 +182,7 @@ def embed_run(
     mean, std = _stats(run, lambda: normalization_stats(run.cfg.dataset, ds.images))
     feats = encode(run.method, ds.images, make_eval_transform(cfg, mean, std, dev, False), cfg, dev, head=head)
     files = {"features": out / "features.npy", "labels": out / "labels.npy", "paths": out / "paths.txt",
-             "backbone": out / "backbone.safetensors"}
+             "backbone": out / "backbone.safetensors", "backbone_spec": out / "backbone.json"}
     if ds.paths is None:
         del files["paths"]
     written: list[Path] = []
@@ -180,6 +192,7 @@ def embed_run(
         if "paths" in files:
             written.append(write_text_atomic(files["paths"], "\n".join(str(p) for p in ds.paths) + "\n"))
         written.append(export_backbone(run, files["backbone"]))
+        written.append(write_text_atomic(files["backbone_spec"], json.dumps(_description(run), indent=2) + "\n"))
     except BaseException:
         for p in written:
             p.unlink(missing_ok=True)

@@ -36,7 +36,8 @@ class RunFields:
 
     # --- model
     image_size: Optional[int] = 32  # side of training crops; selects the ResNet stem; None: the images' side
-    arch: str = "resnet18"  # a name of wmse.models.ARCHS
+    arch: str = "resnet18"  # a name of wmse.models.ARCHS, or timm:NAME / torchvision:NAME (wmse.encoders)
+    arch_kwargs: Optional[str] = None  # timm:/torchvision: archs: constructor kwargs as JSON, e.g. '{"depth": 4}'
     emb: int = 64  # output size of the projection head
     head_hidden: int = 1024
     head_layers: int = 2  # Linear layers of the projection head (2: Linear-BN-ReLU-Linear, W-MSE's)
@@ -44,7 +45,7 @@ class RunFields:
     normalize: bool = True  # False: plain MSE / unnormalised logits (official --no_norm)
 
     # --- optimisation
-    optimizer: str = "adam"  # a name of wmse.optim.OPTIMIZERS: adam (the paper) | sgd
+    optimizer: str = "adam"  # a name of wmse.optim.OPTIMIZERS: adam (the paper) | sgd | adamw
     momentum: float = 0.9  # sgd
     epochs: int = 1000
     batch_size: int = 512  # N images per step (global), each giving n_views views

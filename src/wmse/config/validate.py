@@ -42,14 +42,14 @@ def _validate_splits(cfg: Config) -> None:
 
 
 def _validate_optimisation(cfg: Config) -> None:
-    from ..optim import OPTIMIZERS
+    from ..optim import DEVICE_SKIP, OPTIMIZERS
     from ..schedule import SCHEDULES
 
     check_choice("optimizer", cfg.optimizer, OPTIMIZERS.names())
     check_range("momentum", cfg.momentum, 0.0, 1.0)
     check_choice("schedule", cfg.schedule, SCHEDULES)
     check_range("lr_end_factor", cfg.lr_end_factor, 0.0, 1.0)
-    if cfg.sync_every is not None and cfg.sync_every > 1 and cfg.optimizer != "adam":
+    if cfg.sync_every is not None and cfg.sync_every > 1 and cfg.optimizer not in DEVICE_SKIP:
         raise ValueError(f"sync_every > 1 skips non-finite steps with fused Adam's device-side skip; optimizer "
                          f"{cfg.optimizer!r} has none: use --sync_every 1")
     check_min("warmup_iters", cfg.warmup_iters, 0)
@@ -97,11 +97,13 @@ def _validate_data(cfg: Config) -> None:
 def validate(cfg: Config) -> None:
     """Raise ValueError (naming the field and the fix) for impossible or unknown settings."""
     from ..methods import METHODS
-    from ..models import ARCHS
+    from ..models import ARCHS, parse_arch_kwargs
 
     _validate_finite(cfg)
     check_choice("method", cfg.method, METHODS.names())
-    check_choice("arch", cfg.arch, ARCHS.names())
+    ARCHS.check(cfg.arch)
+    if parse_arch_kwargs(cfg.arch_kwargs) and ARCHS[cfg.arch].family is None:
+        raise ValueError(f"field 'arch_kwargs' applies to timm:NAME and torchvision:NAME archs, not {cfg.arch!r}")
     _validate_data(cfg)
     check_choice("precision", cfg.precision, PRECISIONS)
     for name in ("epochs", "batch_size", "emb", "head_hidden", "head_layers", "image_size"):

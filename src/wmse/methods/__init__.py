@@ -34,4 +34,4 @@ def build_method(cfg: "Config", in_channels: int) -> Method:
     from ..models import build_backbone
 
     cls = METHODS.get(cfg.method, "method")
-    return cls.from_config(cfg, build_backbone(cfg.arch, cfg.image_size, in_channels))
+    return cls.from_config(cfg, build_backbone(cfg.arch, cfg.image_size, in_channels, cfg.arch_kwargs))

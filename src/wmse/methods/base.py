@@ -225,7 +225,11 @@ class Method(nn.Module):
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters the optimizer should update (excludes frozen ones such as BYOL's target)."""
-        return (p for p in self.parameters() if p.requires_grad)
+        return (p for _, p in self.named_trainable_parameters())
+
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) of :meth:`trainable_parameters` (AdamW's weight-decay groups read the names)."""
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
 
 
 class EmbeddingMethod(Method):
