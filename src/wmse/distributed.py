@@ -9,7 +9,7 @@ process); each method decides in ``Method.loss`` what it gathers, and nothing he
 
 - W-MSE, default: each rank whitens slices of its own ``batch_size / world_size`` images; DDP averages the
   gradients, i.e. the gradient of the mean of the per-rank losses.
-- W-MSE, ``whiten_global``: embeddings of all ranks are gathered, every rank computes the single-process loss
+- W-MSE, ``w_global``: embeddings of all ranks are gathered, every rank computes the single-process loss
   of the global batch (slices from one permutation shared by all ranks), and the gradient equals the
   single-process gradient on the concatenated batch (see :class:`_GatherCat`).
 - Contrastive: the same gather, so negatives come from the whole global batch.
@@ -22,7 +22,7 @@ same ``batch_size`` takes the same steps as one process: keep ``lr`` when changi
 change of recipe (the presets' lr values belong to N = 512 for d = 2, 256 for d = 4).
 
 Communication per step, on top of DDP's gradient all-reduce (about 2 x parameters floats per rank):
-``whiten_global`` and Contrastive gather d x N x D embedding floats in the forward and all-reduce as many
+``w_global`` and Contrastive gather d x N x D embedding floats in the forward and all-reduce as many
 gradient floats in the backward (CIFAR, d=2, N=512, D=64: 65,536 floats = 256 KiB, against 45 MiB of
 ResNet-18 gradients); per-rank whitening and BYOL add nothing; every mode all-reduces 2 floats (loss, stop).
 """
