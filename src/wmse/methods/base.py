@@ -127,7 +127,9 @@ class Method(nn.Module):
 
     def __init__(self, backbone: nn.Module, head: nn.Module, **options: Any) -> None:
         """``options``: fields of :class:`Options` by name; the others take its defaults. Each becomes an
-        attribute (``self.w_size``). An unknown name raises TypeError listing the method's fields."""
+        attribute (``self.w_size``). An unknown name raises TypeError listing the method's fields. A subclass
+        that takes more (``n_views``) takes it by keyword only, so no positional call binds a value silently
+        to another parameter."""
         super().__init__()
         self.backbone = backbone
         self.head = head
