@@ -99,6 +99,13 @@ def test_a_declared_field_is_a_keyword_argument_and_an_attribute():
     with pytest.raises(TypeError, match="positional"):  # not a silent n_views=2, normalize=64
         WMSE(backbone, ProjectionHead(8, 8, 4), 2, 64)
 
+    @dataclass(frozen=True)
+    class OwnOnly:
+        extra: int = 1
+
+    with pytest.raises(TypeError, match=r"Sub.Options must extend WMSE.Options \(it lacks w_size, w_iter"):
+        type("Sub", (WMSE,), {"Options": OwnOnly})
+
 
 def test_unknown_method_names_the_registered_ones():
     with pytest.raises(ValueError, match="unknown method 'nope'; choose one of wmse, contrastive, byol"):
