@@ -24,7 +24,7 @@ def fused_everywhere(monkeypatch):
 
 
 @dataclass(frozen=True)
-class _Options:
+class _Options(BYOL.Options):  # BYOL's fields, and:
     nan_steps: tuple[int, ...] = ()
 
 

@@ -94,6 +94,17 @@ def test_a_declared_field_is_a_keyword_argument_and_an_attribute():
     assert toy(backbone, ProjectionHead(8, 8, 4), toy_scale=5.0).options() == toy.Options(toy_scale=5.0)
     with pytest.raises(TypeError, match="Toy has no option 'scale'; its options: toy_scale"):
         toy(backbone, ProjectionHead(8, 8, 4), scale=5.0)
+    from wmse.methods import WMSE
+
+    with pytest.raises(TypeError, match="positional"):  # not a silent n_views=2, normalize=64
+        WMSE(backbone, ProjectionHead(8, 8, 4), 2, 64)
+
+    @dataclass(frozen=True)
+    class OwnOnly:
+        extra: int = 1
+
+    with pytest.raises(TypeError, match=r"Sub.Options must extend WMSE.Options \(it lacks w_size, w_iter"):
+        type("Sub", (WMSE,), {"Options": OwnOnly})
 
 
 def test_unknown_method_names_the_registered_ones():

@@ -189,7 +189,7 @@ def test_a_huge_learning_rate_aborts_with_one_line_and_no_checkpoint_damage(tiny
 
 
 @dataclass(frozen=True)
-class _NanOptions:
+class _NanOptions(WMSE.Options):
     nan_steps: tuple[int, ...] = ()  # the steps (1-based) whose loss is NaN
 
 
@@ -205,7 +205,7 @@ def nan_method():
 
         @classmethod
         def from_config(cls, cfg, backbone):
-            m = cls(backbone, cls.default_head(cfg, backbone), cfg.n_views, cfg.w_size)
+            m = cls(backbone, cls.default_head(cfg, backbone), n_views=cfg.n_views, w_size=cfg.w_size)
             m.nan_steps, m.calls = set(cfg.nan_steps), 0
             return m
 

@@ -129,9 +129,22 @@ class Method(nn.Module):
     # Submodules whose BatchNorm layers become SyncBatchNorm with --sync_bn (the backbone's stay per rank).
     sync_bn_modules: ClassVar[tuple[str, ...]] = ("head",)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's ``Options`` keeps its parents' fields (its methods read them): TypeError otherwise."""
+        super().__init_subclass__(**kwargs)
+        have = {f.name for f in dataclasses.fields(cls.Options)}
+        for base in cls.__bases__:
+            missing = [f.name for f in dataclasses.fields(getattr(base, "Options", Method.Options))
+                       if f.name not in have]
+            if missing:
+                raise TypeError(f"{cls.__name__}.Options must extend {base.__name__}.Options "
+                                f"(it lacks {', '.join(missing)})")
+
     def __init__(self, backbone: nn.Module, head: nn.Module, **options: Any) -> None:
         """``options``: fields of :class:`Options` by name; the others take its defaults. Each becomes an
-        attribute (``self.w_size``). An unknown name raises TypeError listing the method's fields."""
+        attribute (``self.w_size``). An unknown name raises TypeError listing the method's fields. A subclass
+        that takes more (``n_views``) takes it by keyword only, so no positional call binds a value silently
+        to another parameter."""
         super().__init__()
         self.backbone = backbone
         self.head = head

@@ -37,7 +37,7 @@ class Contrastive(Method):
     renamed_fields = {"temperature": "contrastive_temperature"}
     head_bn_last = True
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, normalize: bool = True, **options: Any) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, *, normalize: bool = True, **options: Any) -> None:
         super().__init__(backbone, head, **options)
         if self.contrastive_temperature <= 0:
             raise ValueError(f"contrastive_temperature must be > 0, got {self.contrastive_temperature}")

@@ -35,7 +35,7 @@ class CWRGP(EmbeddingMethod):
 
     run_fields = ("normalize",)
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, normalize: bool = True, **options: Any) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, *, normalize: bool = True, **options: Any) -> None:
         super().__init__(backbone, head, **options)
         self.normalize = normalize
 

@@ -50,7 +50,7 @@ class WMSE(EmbeddingMethod):
     run_fields = ("n_views", "normalize")
     renamed_fields = {"whitening": "w_whitening", "whiten_global": "w_global"}
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, n_views: int = 2, normalize: bool = True,
+    def __init__(self, backbone: nn.Module, head: nn.Module, *, n_views: int = 2, normalize: bool = True,
                  **options: Any) -> None:
         super().__init__(backbone, head, **options)
         if n_views < 2:
