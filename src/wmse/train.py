@@ -33,6 +33,7 @@ from .device import cpu_has_native_bf16
 from .errors import RunStopped, TrainingError
 from .methods import METHODS, Method, build_method
 from .optim import build_optimizer
+from .loggers import check_loggers, open_mirrors
 from .progress import MetricsLog, Progress
 from .splits import RunData, load_run_data
 from .scoring import diagnostics_record, final_evaluation, format_final, knn_monitor, make_eval_transform
@@ -203,6 +204,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
         OSError: a file could not be written (a full disk); the last complete checkpoint is kept.
     """
     validate(cfg)
+    check_loggers(cfg.wandb_project)  # before the run directory: a missing package costs nothing
     rt = distributed.setup(cfg)
     log = log or (lambda msg: print(msg, file=sys.stderr) if rt.is_main else None)
     run, job, failed = None, None, True
@@ -235,7 +237,8 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
         if rt.is_main:
             if ckpt is not None:
                 run.truncate_metrics(state.step)
-            job.metrics = MetricsLog(run.path, purge_step=state.step + 1 if ckpt is not None else None)
+            job.metrics = MetricsLog(run.path, purge_step=state.step + 1 if ckpt is not None else None,
+                                     mirrors=open_mirrors(cfg, run.path))
             run.write_config(cfg.to_dict(), _provenance(cfg))
             _announce(job, ckpt is not None)
             job.progress = Progress(job.total_steps)
@@ -587,3 +590,5 @@ def _finish(job: Job, state: TrainState) -> None:
         results = final_evaluation(job.method, job.initial_state, job.data, cfg, job.device, job.transform, log)
         (job.run_dir / "final_eval.json").write_text(json.dumps({"note": job.data.note, **results}, indent=2))
         print(format_final(results, job.data.note))
+        for mirror in job.metrics.mirrors:
+            mirror.final(results, job.data.note)

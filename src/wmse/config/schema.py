@@ -7,6 +7,7 @@ config.json and checkpoints, whichever method declared it.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -90,6 +91,7 @@ class RunFields:
     nonfinite_limit: int = 10  # abort after this many consecutive non-finite losses
     final_eval: bool = False  # at the end: kNN + linear probe, trained vs random-init encoder
     linear_epochs: int = 500
+    wandb_project: Optional[str] = None  # Weights & Biases project to mirror metrics to; None: off (extra [wandb])
 
 
 _RUN_FIELDS = fields_of(RunFields, "run")
@@ -120,7 +122,9 @@ def all_fields() -> dict[str, Field]:
 def _unknown(names) -> ValueError:
     names = sorted(names)
     if len(names) == 1:
-        return ValueError(f"unknown config field {names[0]!r}; see `wmse presets --show NAME`")
+        close = difflib.get_close_matches(names[0], all_fields(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return ValueError(f"unknown config field {names[0]!r}{hint}; see `wmse presets --show NAME`")
     return ValueError(f"unknown config field(s) {names}; see `wmse presets --show NAME`")
 
 
