@@ -70,7 +70,7 @@ def test_compare_table_matches_the_runs_files(runs: Path) -> None:
     last_knn = [r["knn_top1"] for r in records if r["kind"] == "eval"][-1]
     assert rows["byol_b"]["kNN"] == f"{last_knn:.2f} (m)" and rows["byol_b"]["linear"] == ""
     minutes = sum(r["seconds"] for r in records if r["kind"] == "epoch") / 60
-    assert rows["byol_b"]["train min"] == f"{minutes:.1f}"
+    assert rows["byol_b"]["train min"] == f"{minutes:.2f}"
     # Two evaluation sets: flagged, and each run ranked only within its own.
     assert rows["wmse_a"]["eval set"][:2] == rows["byol_b"]["eval set"][:2] != rows["wmse_c"]["eval set"][:2]
     assert rows["wmse_c"]["rank"].endswith("1")

@@ -180,7 +180,7 @@ def table_rows(runs: list[RunSummary]) -> list[dict[str, str]]:
             "eval set": (f"{letters[s]}: " if letters else "") + r.eval_set,
             "encoder": str(c.get("arch", "")),
             "epochs": "" if r.epochs is None else f"{r.epochs}" + (f"/{planned}" if _num(planned) else ""),
-            "train min": "" if r.train_minutes is None else f"{r.train_minutes:.1f}",
+            "train min": "" if r.train_minutes is None else f"{r.train_minutes:.2f}",
             "kNN": _pct(r.knn) + (" (m)" if r.knn_from_monitor else ""),
             "kNN gain": _pct(r.gain("knn_top1"), True), "linear": _pct(r._final("trained", "linear_top1")),
             "linear gain": _pct(r.gain("linear_top1"), True),
