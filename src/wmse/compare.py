@@ -148,7 +148,7 @@ def find_runs(paths: list[str | Path], warn) -> list[Path]:
 
 def _set_letters(runs: list[RunSummary]) -> dict[str, str]:
     """Evaluation set -> its letter (A, B, ...) in order of first appearance (empty when all runs share one)."""
-    sets = list(dict.fromkeys(f"{r.config.get('dataset', '?')}: {r.eval_set}" for r in runs))
+    sets = list(dict.fromkeys(map(_set_of, runs)))
     return {s: chr(ord("A") + i) if i < 26 else str(i) for i, s in enumerate(sets)} if len(sets) > 1 else {}
 
 
