@@ -4,9 +4,9 @@ the method and the fields it needs changed; kNN and linear accuracy against the 
     .venv/bin/python benchmarks/family.py --preset quick --out /tmp/family       # CPU: Fashion-MNIST, ~1 h
     python benchmarks/family.py --preset cifar10-quick --data_dir DIR --out OUT  # GPU: CIFAR-10, short budget
 
-Each method runs as `wmse pretrain --preset PRESET --method NAME ...` in its own process; the table (markdown)
-and benchmarks/results/family_<preset>.json (family_<preset>_<names>.json with --only) hold the accuracies and
-the wall time of each run.
+Each method runs as `wmse pretrain --preset PRESET --method NAME ...` in its own process. The table is
+`wmse compare`'s (printed, and OUT/compare/compare.md, .csv and .png); benchmarks/results/family_<preset>.json
+(family_<preset>_<names>.json with --only) holds the accuracies and the wall time of each run.
 """
 
 from __future__ import annotations
@@ -85,15 +85,15 @@ def main() -> None:
     results.mkdir(exist_ok=True)
     name = f"family_{args.preset}" + (f"_{'_'.join(args.only)}" if args.only else "")
     (results / f"{name}.json").write_text(json.dumps({"cpu": cpu_name(), "rows": rows}, indent=2))
-    print("\n| method | kNN top-1 | (random init) | linear top-1 | (random init) | wall |")
-    print("|---|---|---|---|---|---|")
+    ok = [out / r["method"] for r in rows if "error" not in r]
     for r in rows:
         if "error" in r:
-            print(f"| {r['method']} | error: {r['error']} | | | | |")
-            continue
-        t, i = r["trained"], r["random_init"]
-        print(f"| {r['method']} | {t['knn_top1']:.2f}% | {i['knn_top1']:.2f}% | {t['linear_top1']:.2f}% | "
-              f"{i['linear_top1']:.2f}% | {r['seconds'] / 60:.1f} min |")
+            print(f"{r['method']}: error: {r['error']}")
+    if ok:  # the table of `wmse compare` (compare.md / .csv / .png in OUT/compare)
+        from wmse.compare import compare_runs, format_markdown
+
+        runs, files = compare_runs(ok, out / "compare", warn=lambda m: print(f"warning: {m}"))
+        print("\n" + format_markdown(runs) + f"(also in {files['markdown']}, {files['csv']})")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def tiny_config(folder, out_dir, **kw):
 
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_config():
     """tiny_config as a fixture, for test modules (conftest is not importable as a module)."""
     return tiny_config

@@ -1,4 +1,4 @@
-"""The `wmse` command: pretrain | presets | evaluate | embed | report.
+"""The `wmse` command: pretrain | presets | evaluate | embed | report | compare.
 
 Exit statuses (wmse.errors): 0 done; 1 training stopped because the loss stayed non-finite (the last
 finite checkpoint is kept); 2 an error the user can fix (command line, config, data, a file that cannot be
@@ -58,17 +58,21 @@ def _resume_config(run: str, overrides: dict[str, str]):
     return Config.from_dict(read_checkpoint(run).config).replace(max_steps=None, max_minutes=None)
 
 
-def _new_config(preset: str | None, overrides: dict[str, str]):
-    """The preset's config; without ``--preset``, the paper's recipe for ``--dataset`` (said on stderr)."""
-    from .config import get_preset, parse_value, preset_for_dataset
+def _new_config(preset: str | None, overrides: dict[str, str], config_file: str | None = None):
+    """The preset's config; without ``--preset``, the preset a ``--config`` file names, else the paper's recipe
+    for ``--dataset`` (said on stderr). The file's fields go on top of the preset (the command line's come last)."""
+    from .config import PRESETS, get_preset, parse_value, preset_for_dataset, read_config_file
 
+    fields = read_config_file(config_file) if config_file else {}
+    if preset is None and fields.get("preset") in PRESETS:
+        preset = fields["preset"]
     if preset is None:
-        dataset = parse_value("dataset", overrides["dataset"]) if "dataset" in overrides else None
+        dataset = parse_value("dataset", overrides["dataset"]) if "dataset" in overrides else fields.get("dataset")
         preset = preset_for_dataset(dataset)
         print(f"wmse pretrain: no --preset given: using {preset}, the W-MSE 2 recipe for "
               f"{'--dataset ' + dataset if dataset else 'CIFAR-10'} (`wmse presets --show {preset}` lists it)",
               file=sys.stderr)
-    return get_preset(preset)
+    return get_preset(preset).replace(**fields)
 
 
 def cmd_pretrain(args, extra: list[str]) -> int:
@@ -77,11 +81,11 @@ def cmd_pretrain(args, extra: list[str]) -> int:
 
     overrides = parse_overrides(extra)
     if args.resume:
-        if args.preset:
-            raise UsageError("--resume takes the run's own config; leave out --preset")
+        if args.preset or args.config:
+            raise UsageError("--resume takes the run's own config; leave out --preset and --config")
         cfg = _resume_config(args.resume, overrides)
     else:
-        cfg = _new_config(args.preset, overrides)
+        cfg = _new_config(args.preset, overrides, args.config)
     cfg = apply_overrides(cfg, overrides)
     if args.nproc is not None and args.nproc != 1:
         from .launch import launch
@@ -96,7 +100,14 @@ def cmd_presets(args, extra: list[str]) -> int:
 
     if extra:
         raise UsageError(f"unexpected arguments {extra}")
-    if args.show:
+    if args.write and not args.show:
+        raise UsageError("--write needs --show NAME: the preset to write")
+    if args.write:
+        from .config import write_config_file
+
+        print(f"preset {args.show} written to {write_config_file(get_preset(args.show), args.write)} "
+              f"(run it with: wmse pretrain --config {args.write})")
+    elif args.show:
         values = get_preset(args.show).to_dict()
         width = max(map(len, values))  # prefixed method fields are longer than the run's
         for key, value in values.items():
@@ -142,6 +153,17 @@ def cmd_report(args, extra: list[str]) -> int:
     return 0
 
 
+def cmd_compare(args, extra: list[str]) -> int:
+    from .compare import compare_runs, format_markdown
+
+    _no_extra(extra)
+    runs, files = compare_runs(args.runs, args.out, warn=lambda m: print(f"wmse compare: warning: {m}", file=sys.stderr))
+    print(format_markdown(runs), end="")
+    for name, path in files.items():
+        print(f"{name:<10} {path}")
+    return 0
+
+
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory or checkpoint file")
     p.add_argument("--dataset", help="dataset name (default: the run's)")
@@ -177,10 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="Example: wmse pretrain --preset cifar10-wmse4 --data_dir ~/data --epochs 200")
     p.add_argument("--preset", help="named configuration (see `wmse presets`); default: quick")
     p.add_argument("--resume", help="run directory or checkpoint to continue exactly where it stopped")
+    p.add_argument("--config", metavar="FILE", help="a run's config.json or a JSON/YAML file of fields: the base "
+                   "(on top of --preset, else of the preset the file names), command-line fields on top")
     p.add_argument("--nproc", type=_positive_int, default=None, help="launch this many processes with torchrun (DDP)")
     p.set_defaults(func=cmd_pretrain)
     p = sub.add_parser("presets", help="list the presets, or show one with --show NAME")
     p.add_argument("--show", metavar="NAME")
+    p.add_argument("--write", metavar="FILE", help="with --show NAME: write the preset's fields to FILE (.json, "
+                   ".yaml) for `wmse pretrain --config FILE`")
     p.set_defaults(func=cmd_presets)
     p = sub.add_parser("evaluate", help="kNN (k=5 and weighted k=200) + linear probe of a run's frozen encoder")
     _data_args(p)
@@ -196,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="PNG plots and index.html of a run")
     p.add_argument("run", help="run directory")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("compare", help="one table (Markdown, CSV) and one kNN plot of several runs")
+    p.add_argument("runs", nargs="+", help="run directories, or folders of runs")
+    p.add_argument("--out", help="folder for compare.md / .csv / .png (default: compare/ beside the runs)")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

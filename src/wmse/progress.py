@@ -64,9 +64,12 @@ class Progress:
 class MetricsLog:
     """Appends one JSON object per line to RUN/metrics.jsonl and mirrors scalars to TensorBoard (RUN/tb)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None,
+                 mirrors: list | None = None) -> None:
         """``purge_step``: on resume, the first step after the checkpoint; TensorBoard hides the events a
-        killed run wrote from there on (metrics.jsonl is truncated by the run directory itself)."""
+        killed run wrote from there on (metrics.jsonl is truncated by the run directory itself).
+        ``mirrors``: objects with ``write(record)`` and ``close()`` that get every record too (wmse.loggers)."""
+        self.mirrors = list(mirrors or [])
         self.path = Path(run_dir) / "metrics.jsonl"
         self.file = self.path.open("a")
         self.tb = None
@@ -82,6 +85,8 @@ class MetricsLog:
         record = {"kind": kind, "step": step, **values}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        for mirror in self.mirrors:
+            mirror.write(record)
         if self.tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and key not in ("epoch",):
@@ -91,6 +96,8 @@ class MetricsLog:
         if self.file.closed:
             return
         self.file.close()
+        for mirror in self.mirrors:
+            mirror.close()
         if self.tb is not None:
             self.tb.close()
 

@@ -8,7 +8,9 @@ Reads (all optional, but at least one must exist):
   spectrum_embeddings, feature_eff_rank, ...);
 - ``RUN/eval.json`` and ``RUN/eval_head.json``: final results of ``wmse evaluate``.
 
-Writes ``RUN/report/loss_lr.png``, ``knn.png``, ``spectrum.png`` and ``index.html``. A plot whose
+Writes ``RUN/report/loss_lr.png``, ``knn.png``, ``spectrum.png``, ``features.png`` (a t-SNE map of the
+trained and random-init encoders' features, :mod:`wmse.feature_map`; needs the run's checkpoint and data)
+and ``index.html``. A plot whose
 data is missing is skipped, and the page says why. Plots use matplotlib's Agg canvas directly
 (no pyplot), so they work without a display and leave the global backend alone.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -225,11 +228,27 @@ text-align:left;font-size:14px}th{background:#f4f4f4;font-weight:normal}
 img{max-width:100%;border:1px solid #ddd;margin:.5em 0}.note{color:#a33}"""
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write ``RUN/report/{loss_lr,knn,spectrum}.png`` and ``RUN/report/index.html``.
+def _feature_map(run: Path, path: Path, log) -> str:
+    """features.png (:mod:`wmse.feature_map`) when the run has a checkpoint; the reason it is skipped
+    otherwise (scikit-learn missing: said on ``log`` too, with the command that installs it)."""
+    if not (run / "checkpoints" / "last.pt").is_file():
+        return "no checkpoint in RUN/checkpoints: no encoder to map"
+    from .feature_map import SKLEARN_MISSING, plot_feature_map
+
+    note = plot_feature_map(run, path)
+    if note == SKLEARN_MISSING:
+        log(f"note: {note}")
+    return note
+
+
+def write_report(run_dir: str | Path, feature_map: bool = True, log=None) -> Path:
+    """Write ``RUN/report/{loss_lr,knn,spectrum,features}.png`` and ``RUN/report/index.html``.
 
     Args:
         run_dir: a run directory (written by ``wmse pretrain`` and/or ``wmse evaluate``).
+        feature_map: draw features.png, the t-SNE map of trained and random-init features (needs the
+            checkpoint, the run's data and scikit-learn; skipped with a note otherwise).
+        log: where the one-line notes go (default: stderr).
 
     Returns:
         The path of ``index.html``.
@@ -260,9 +279,15 @@ def write_report(run_dir: str | Path) -> Path:
         "spectrum.png": _plot_spectrum(by_kind.get("diagnostics", []), finals["eval"],
                                        out / "spectrum.png"),
     }
+    if feature_map:
+        plots["features.png"] = _feature_map(run, out / "features.png", log or _stderr)
     index = out / "index.html"
     index.write_text(_html(run, config, by_kind, finals, plots, bad))
     return index
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def _html(run: Path, config: dict | None, by_kind: dict, finals: dict, plots: dict,

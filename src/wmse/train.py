@@ -30,6 +30,7 @@ from .config import PRESETS, Config, validate
 from .data.loader import BatchLoader
 from .device import cpu_has_native_bf16
 from .errors import RunStopped
+from .loggers import check_loggers, open_mirrors
 from .methods import Method, build_method
 from .models import uses_channels_last
 from .nonfinite import StepGuard, state_is_finite, step_guard
@@ -117,6 +118,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
         OSError: a file could not be written (a full disk); the last complete checkpoint is kept.
     """
     validate(cfg)
+    check_loggers(cfg.wandb_project)  # before the run directory: a missing package costs nothing
     rt = distributed.setup(cfg)
     log = log or (lambda msg: print(msg, file=sys.stderr) if rt.is_main else None)
     run, job, failed = None, None, True
@@ -147,7 +149,8 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
         if rt.is_main:
             if ckpt is not None:
                 run.truncate_metrics(state.step)
-            job.metrics = MetricsLog(run.path, purge_step=state.step + 1 if ckpt is not None else None)
+            job.metrics = MetricsLog(run.path, purge_step=state.step + 1 if ckpt is not None else None,
+                                     mirrors=open_mirrors(cfg, run.path))
             run.write_config(cfg.to_dict(), _provenance(cfg))
             _announce(job, ckpt is not None)
             job.progress = Progress(job.total_steps)
@@ -429,3 +432,5 @@ def finish(job: Job, state: TrainState) -> None:
         results = final_evaluation(job.method, job.initial_state, job.data, cfg, job.device, job.transform, log)
         (job.run_dir / "final_eval.json").write_text(json.dumps({"note": job.data.note, **results}, indent=2))
         print(format_final(results, job.data.note))
+        for mirror in job.metrics.mirrors:
+            mirror.final(results, job.data.note)

@@ -11,6 +11,7 @@ from ..models import ARCHS
 from ..schedule import SCHEDULES
 from ..whitening import WHITENINGS
 from .fields import Field
+from .files import read_config_file, write_config_file
 from .presets import OFFICIAL_COMMANDS, PRESETS, describe_presets, get_preset, preset_for_dataset
 from .schema import Config, RunFields, all_fields, apply_overrides, parse_value
 from .validate import PRECISIONS, validate
@@ -34,4 +35,6 @@ __all__ = [
     "preset_for_dataset",
     "parse_value",
     "validate",
+    "read_config_file",
+    "write_config_file",
 ]

@@ -9,6 +9,7 @@ config dicts written before the rename (:meth:`Config.from_dict`), so old config
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -93,6 +94,7 @@ class RunFields:
     nonfinite_limit: int = 10  # abort after this many consecutive non-finite losses
     final_eval: bool = False  # at the end: kNN + linear probe, trained vs random-init encoder
     linear_epochs: int = 500
+    wandb_project: Optional[str] = None  # Weights & Biases project to mirror metrics to; None: off (extra [wandb])
 
 
 _RUN_FIELDS = fields_of(RunFields, "run")
@@ -150,7 +152,9 @@ def _unknown(names) -> ValueError:
     renamed = renamed_fields()
     names = [f"{n!r} (now {renamed[n]!r})" if n in renamed else repr(n) for n in sorted(names)]
     if len(names) == 1:
-        return ValueError(f"unknown config field {names[0]}; see `wmse presets --show NAME`")
+        close = difflib.get_close_matches(names[0].split("'")[1], all_fields(), n=1) if " (now " not in names[0] else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return ValueError(f"unknown config field {names[0]}{hint}; see `wmse presets --show NAME`")
     return ValueError(f"unknown config field(s) {', '.join(names)}; see `wmse presets --show NAME`")
 
 
