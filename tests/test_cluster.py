@@ -147,6 +147,28 @@ def test_auto_resume_needs_a_name_and_checks_what_it_would_start_over(tiny_folde
     assert load_checkpoint(runs / "killed")["step"] == 1
 
 
+def test_checkpoints_by_time_resume_exactly_after_a_kill(tiny_folder, tmp_path):
+    """ckpt_minutes writes checkpoints inside an epoch (ckpt_every alone would write none here); after kill -9,
+    the same command (--auto_resume) continues from the last one and every step's loss equals an
+    uninterrupted run's."""
+    env = _env(tmp_path)
+    args = ["pretrain", *TINY, "--data_dir", tiny_folder, "--epochs", "4", "--ckpt_every", "100",
+            "--ckpt_minutes", "0.0005", "--run_name", "r", "--auto_resume"]
+    base = wmse(*args, "--out_dir", tmp_path / "base", env=env)
+    assert base.returncode == 0, base.stderr[-3000:]
+    run = tmp_path / "killed" / "r"
+    proc = start([sys.executable, "-m", "wmse", *args, "--out_dir", tmp_path / "killed"], env)
+    wait_for_step(run, 5, proc)
+    proc.kill()
+    proc.communicate()
+    step = load_checkpoint(run)["step"]
+    assert 1 <= step < 12 and step % 3  # written by time inside an epoch (3 steps each), before the end
+    rest = wmse(*args, "--out_dir", tmp_path / "killed", env=env)
+    assert rest.returncode == 0 and f"checkpoint at step {step}" in rest.stderr, rest.stderr[-3000:]
+    assert train_losses(run) == train_losses(tmp_path / "base" / "r")
+    assert sorted(train_losses(run)) == list(range(1, 13))
+
+
 def test_max_restarts_needs_nproc_and_a_way_to_continue(tmp_path):
     env = _env(tmp_path)
     proc = wmse("pretrain", "--max_restarts", "1", "--run_name", "x", "--auto_resume", env=env)
@@ -300,6 +322,8 @@ def on_both_nodes(nodes, args: list, env: dict, port: int, timeout: float = 300)
     for i, (ns, dev, _) in enumerate(nodes):
         cmd = ["ip", "netns", "exec", ns, *TORCHRUN, "--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1",
                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{nodes[0][2]}:{port}", "--rdzv_id", f"wmse-{port}",
+               # torch recognises the store's host by the machine's host name only, not by a veth's address
+               "--rdzv_conf", f"is_host={int(i == 0)}",
                *map(str, args)]
         procs.append(start(cmd, {**env, "GLOO_SOCKET_IFNAME": dev}))
     out = []

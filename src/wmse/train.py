@@ -45,20 +45,31 @@ __all__ = ["pretrain", "build_job", "epoch_views", "train_one_epoch", "train_ste
 
 class StopFlag:
     """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the next step boundary and returns.
-    ``max_minutes`` (optional) is a deadline checked the same way.
+    ``max_minutes`` (optional) is a deadline checked the same way, and ``ckpt_minutes`` (optional) the period
+    of the checkpoints by time (:meth:`checkpointed` restarts it).
 
     ``announce``: print the one-line notice (torchrun sends the signal to every rank; only the
     main rank says so).
     """
 
-    def __init__(self, announce: bool = True, max_minutes: float | None = None) -> None:
+    def __init__(self, announce: bool = True, max_minutes: float | None = None,
+                 ckpt_minutes: float | None = None) -> None:
         self.signal: int | None = None
         self.announce = announce
         self.deadline = time.monotonic() + 60 * max_minutes if max_minutes else None
+        self.ckpt_seconds = 60 * ckpt_minutes if ckpt_minutes else None
+        self.checkpointed()
 
-    def raised(self) -> tuple[bool, bool]:
-        """(a signal arrived, the deadline has passed): the flags every rank agrees on."""
-        return self.signal is not None, self.deadline is not None and time.monotonic() >= self.deadline
+    def checkpointed(self) -> None:
+        """A checkpoint was written: the next one by time is due ``ckpt_minutes`` from now."""
+        self.ckpt_due = time.monotonic() + self.ckpt_seconds if self.ckpt_seconds else None
+
+    def raised(self) -> tuple[bool, bool, bool]:
+        """(a signal arrived, the deadline has passed, a checkpoint is due): the flags every rank agrees on (in
+        one all-reduce with the loss, so the checkpoint by time costs no extra communication)."""
+        now = time.monotonic()
+        return (self.signal is not None, self.deadline is not None and now >= self.deadline,
+                self.ckpt_due is not None and now >= self.ckpt_due)
 
     def __call__(self, signum, frame) -> None:
         if self.signal is not None:  # second Ctrl-C: give up immediately
@@ -241,7 +252,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
             job.progress = Progress(job.total_steps)
 
         # ============ training ============
-        job.stop = StopFlag(announce=rt.is_main, max_minutes=cfg.max_minutes)
+        job.stop = StopFlag(announce=rt.is_main, max_minutes=cfg.max_minutes, ckpt_minutes=cfg.ckpt_minutes)
         state.window_start, state.started = time.perf_counter(), time.monotonic()
         with job.stop.installed():
             for epoch in range(state.epoch, cfg.epochs):
@@ -360,7 +371,7 @@ def train_one_epoch(job: Job, state: TrainState, epoch: int) -> bool:
     first = state.batch if epoch == state.epoch else 0
     state.epoch, state.batch = epoch, first
     for views in epoch_views(job, epoch, first):
-        signalled, late = train_step(job, state, views)
+        signalled, late, due = train_step(job, state, views)
         state.batch += 1
         done = cfg.max_steps is not None and state.step >= cfg.max_steps
         if signalled or late or done:
@@ -368,6 +379,8 @@ def train_one_epoch(job: Job, state: TrainState, epoch: int) -> bool:
                                  else f"max_steps={cfg.max_steps}")
             save_checkpoint(job, state)
             return False
+        if due and state.batch < job.steps_per_epoch:  # ckpt_minutes passed (the epoch's end writes its own)
+            save_checkpoint(job, state)
     return True
 
 
@@ -401,9 +414,9 @@ def _chunk_seed(seed: int, rank: int, epoch: int, chunk: int) -> int:
     return int(state[0] >> np.uint64(1))
 
 
-def train_step(job: Job, state: TrainState, views: list[torch.Tensor]) -> tuple[bool, bool]:
-    """One optimizer step on the d augmented views of a batch; returns the agreed stop flags (a process was
-    signalled, the max_minutes deadline passed), all False between host reads.
+def train_step(job: Job, state: TrainState, views: list[torch.Tensor]) -> tuple[bool, bool, bool]:
+    """One optimizer step on the d augmented views of a batch; returns the agreed flags (a process was
+    signalled, the max_minutes deadline passed, a checkpoint by time is due), all False between host reads.
 
     A non-finite loss skips the step: no update, and the buffers (BatchNorm statistics) the forward pass
     moved are put back. ``cfg.nonfinite_limit`` skipped steps in a row abort the run. With
@@ -450,7 +463,7 @@ def _forward(job: Job, views: list[torch.Tensor]) -> torch.Tensor:
         return job.train_module(views)
 
 
-def _device_update(job: Job, state: TrainState, loss: torch.Tensor, lr: float) -> tuple[bool, bool]:
+def _device_update(job: Job, state: TrainState, loss: torch.Tensor, lr: float) -> tuple[bool, bool, bool]:
     """The update of a step whose skip is decided on the device; the host reads every ``sync_every`` steps."""
     cfg, optimizer, flags = job.cfg, job.optimizer, job.flags
     ok = flags.step_ok(distributed.mean_over_ranks(loss, job.rt))
@@ -463,7 +476,7 @@ def _device_update(job: Job, state: TrainState, loss: torch.Tensor, lr: float) -
     flags.update(ok, state.step + 1, cfg.nonfinite_limit)
     state.step += 1
     if state.step % job.sync_every and state.step % cfg.log_every and state.step != job.total_steps:
-        return False, False
+        return False, False, False
     loss_value, stopping = sync_flags(job, state)
     img_s = cfg.batch_size * job.sync_every / (time.perf_counter() - state.window_start)
     state.window_start = time.perf_counter()
@@ -471,9 +484,9 @@ def _device_update(job: Job, state: TrainState, loss: torch.Tensor, lr: float) -
     return stopping
 
 
-def sync_flags(job: Job, state: TrainState) -> tuple[float, tuple[bool, bool]]:
+def sync_flags(job: Job, state: TrainState) -> tuple[float, tuple[bool, bool, bool]]:
     """Read the device's non-finite flags into ``state`` (abort if the limit was reached) and agree on a stop.
-    Returns the last loss and the agreed stop flags (signal, deadline)."""
+    Returns the last loss and the agreed flags (signal, deadline, checkpoint due)."""
     flags = job.flags
     loss_value, stopping = distributed.agree(flags.loss, job.stop.raised(), job.rt)
     run, total, hit = (int(t) for t in torch.stack([flags.run, flags.total, flags.hit]).tolist())
@@ -541,6 +554,8 @@ def save_checkpoint(job: Job, state: TrainState) -> None:
         save_atomic(ckpt, job.run_dir / "checkpoints" / "last.pt")
     distributed.barrier(rt)  # the other ranks wait until rank 0 has written it
     state.checkpoint_step = state.step
+    if job.stop is not None:
+        job.stop.checkpointed()
 
 
 def end_of_epoch(job: Job, state: TrainState, seconds: float) -> None:
