@@ -319,11 +319,11 @@ def two_nodes():
 def on_both_nodes(nodes, args: list, env: dict, port: int, timeout: float = 300) -> list[subprocess.CompletedProcess]:
     """torchrun on each node (one process each, c10d rendezvous on node 0's address), run at once."""
     procs = []
-    for i, (ns, dev, _) in enumerate(nodes):
+    for i, (ns, dev, addr) in enumerate(nodes):
         cmd = ["ip", "netns", "exec", ns, *TORCHRUN, "--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1",
                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{nodes[0][2]}:{port}", "--rdzv_id", f"wmse-{port}",
-               # torch recognises the store's host by the machine's host name only, not by a veth's address
-               "--rdzv_conf", f"is_host={int(i == 0)}",
+               # the namespaces share one host name, which resolves to neither veth address: name them
+               "--rdzv_conf", f"is_host={int(i == 0)}", "--local_addr", addr,
                *map(str, args)]
         procs.append(start(cmd, {**env, "GLOO_SOCKET_IFNAME": dev}))
     out = []

@@ -72,8 +72,10 @@ class StopFlag:
                 self.ckpt_due is not None and now >= self.ckpt_due)
 
     def __call__(self, signum, frame) -> None:
-        if self.signal is not None:  # second Ctrl-C: give up immediately
-            raise KeyboardInterrupt
+        if self.signal is not None:
+            if signum == signal.SIGINT:  # second Ctrl-C: give up immediately
+                raise KeyboardInterrupt
+            return  # a repeated SIGTERM (a scheduler signals every process, a launcher forwards it too): keep saving
         self.signal = signum
         if self.announce:
             print(f"\nsignal {signal.Signals(signum).name}: saving a checkpoint and stopping after this step",
