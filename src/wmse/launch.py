@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import uuid
@@ -146,8 +147,9 @@ def read_reports(folder: str) -> dict[int, tuple[int, str | None]]:
     """{rank: (status, line)} of the last attempt (restart) whose workers reported."""
     found: dict[int, dict[int, tuple[int, str | None]]] = {}
     for name in os.listdir(folder):
-        if name.startswith("attempt") and name.endswith(".json"):
-            attempt, rank = (int(part.lstrip("atemprnk")) for part in name[:-5].split("-"))
+        match = re.fullmatch(r"attempt(\d+)-rank(\d+)\.json", name)
+        if match:
+            attempt, rank = int(match[1]), int(match[2])
             with open(os.path.join(folder, name)) as f:
                 rec = json.load(f)
             found.setdefault(attempt, {})[rank] = (rec["status"], rec["line"])
