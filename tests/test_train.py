@@ -130,6 +130,8 @@ def test_stop_flag_is_announced_by_the_main_rank_only(capsys):
         loud(signal.SIGINT, None)
     quiet(signal.SIGTERM, None)  # a repeated SIGTERM (scheduler + launcher) does not cut the checkpoint short
     assert quiet.signal == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):  # another request after it does (the launcher's second Ctrl-C)
+        quiet(signal.SIGINT, None)
 
 
 def test_the_cpu_loop_is_the_plain_sequence_of_steps(tiny_folder, tmp_path, make_config):

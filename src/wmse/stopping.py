@@ -43,7 +43,7 @@ class StopFlag:
 
     def __call__(self, signum, frame) -> None:
         if self.signal is not None:
-            if signum == signal.SIGINT:  # second Ctrl-C: give up immediately
+            if signum == signal.SIGINT or signum != self.signal:  # a second Ctrl-C or request: give up at once
                 raise KeyboardInterrupt
             return  # a repeated SIGTERM (a scheduler signals every process, a launcher forwards it too): keep saving
         self.signal = signum
