@@ -348,7 +348,7 @@ rt = distributed.setup(cfg)
 g = torch.Generator().manual_seed(100)
 views = [torch.randn(16, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2)]
 module = distributed.wrap(method, cfg, rt)
-module([v[rt.rank * 8:(rt.rank + 1) * 8] for v in views]).backward()
+module([v[rt.rank * 8:(rt.rank + 1) * 8] for v in views], distributed.process_context(rt, 3, 0)).backward()
 torch.save({k: p.grad for k, p in method.named_parameters()}, sys.argv[1] + f"/grads{rt.rank}.pt")
 distributed.cleanup(rt)
 """
