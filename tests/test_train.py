@@ -126,8 +126,12 @@ def test_stop_flag_is_announced_by_the_main_rank_only(capsys):
     assert quiet.signal == signal.SIGTERM and capsys.readouterr().err == ""
     loud(signal.SIGINT, None)
     assert loud.signal == signal.SIGINT and "SIGINT: saving a checkpoint" in capsys.readouterr().err
-    with pytest.raises(KeyboardInterrupt):  # a second signal gives up at once
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C gives up at once
         loud(signal.SIGINT, None)
+    quiet(signal.SIGTERM, None)  # a repeated SIGTERM (scheduler + launcher) does not cut the checkpoint short
+    assert quiet.signal == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):  # another request after it does (the launcher's second Ctrl-C)
+        quiet(signal.SIGINT, None)
 
 
 def test_the_cpu_loop_is_the_plain_sequence_of_steps(tiny_folder, tmp_path, make_config):

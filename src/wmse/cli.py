@@ -3,19 +3,20 @@
 Exit statuses (wmse.errors): 0 done; 1 training stopped because the loss stayed non-finite (the last
 finite checkpoint is kept); 2 an error the user can fix (command line, config, data, a file that cannot be
 read or written, a full disk, a run directory in use), printed as one line on stderr without a
-traceback; 75 stopped by SIGINT/SIGTERM after saving a checkpoint (``--resume`` continues it); 130 a
-second Ctrl-C (stopped at once).
+traceback; 75 stopped by SIGINT/SIGTERM after saving a checkpoint (``--resume`` continues it); 76 a process
+of a multi-process run was lost (killed; the last checkpoint is kept); 130 a second Ctrl-C (stopped at once).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, EXIT_TRAINING_ERROR, EXIT_USAGE, RunStopped,
-                     TrainingError)
+from .errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, EXIT_TRAINING_ERROR, EXIT_USAGE, EXIT_WORKER_LOST,
+                     RunStopped, TrainingError)
 
 
 class UsageError(ValueError):
@@ -83,16 +84,51 @@ def cmd_pretrain(args, extra: list[str]) -> int:
     if args.resume:
         if args.preset or args.config:
             raise UsageError("--resume takes the run's own config; leave out --preset and --config")
+        if args.auto_resume:
+            raise UsageError("give --auto_resume (the same command continues its --run_name) or --resume RUN, not both")
         cfg = _resume_config(args.resume, overrides)
     else:
         cfg = _new_config(args.preset, overrides, args.config)
     cfg = apply_overrides(cfg, overrides)
+    if args.auto_resume and cfg.run_name is None:
+        raise UsageError("--auto_resume needs --run_name NAME: the name the same command finds its run by")
+    _check_restarts(args)
     if args.nproc is not None and args.nproc != 1:
         from .launch import launch
 
-        return launch(args.nproc, args.argv, cfg)
-    pretrain(cfg, resume=args.resume)
+        return launch(args.nproc, args.argv, cfg, max_restarts=args.max_restarts or 0, run_hint=_run_hint(args, cfg))
+    resume = args.resume
+    if args.auto_resume:
+        from .auto_resume import plan
+
+        planned = plan(cfg)
+        if planned is None:  # finished: the note is printed
+            return EXIT_OK
+        cfg, resume = planned
+    pretrain(cfg, resume=resume)
     return EXIT_OK
+
+
+def _check_restarts(args) -> None:
+    """--max_restarts: the launcher's, and only where the restarted processes find the run's checkpoint."""
+    if not args.max_restarts:
+        return
+    if args.nproc is None or args.nproc == 1:
+        raise UsageError("--max_restarts needs --nproc K (under torchrun, give torchrun's --max_restarts)")
+    if not (args.auto_resume or args.resume):
+        raise UsageError("--max_restarts needs --auto_resume (or --resume RUN): the restarted processes must "
+                         "continue from the run's checkpoint")
+
+
+def _run_hint(args, cfg) -> str:
+    """How to continue this command's run, for the launcher's message when a process is lost."""
+    if args.auto_resume:
+        return "the same command (--auto_resume)"
+    if args.resume:
+        return f"wmse pretrain --resume {args.resume}"
+    if cfg.run_name:
+        return f"wmse pretrain --resume {Path(cfg.out_dir) / cfg.run_name}"
+    return "wmse pretrain --resume RUN"
 
 
 def cmd_presets(args, extra: list[str]) -> int:
@@ -201,7 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="run directory or checkpoint to continue exactly where it stopped")
     p.add_argument("--config", metavar="FILE", help="a run's config.json or a JSON/YAML file of fields: the base "
                    "(on top of --preset, else of the preset the file names), command-line fields on top")
+    p.add_argument("--auto_resume", "--auto-resume", dest="auto_resume", action="store_true",
+                   help="with --run_name: continue that run from its checkpoint if it exists (the same command "
+                        "again: requeued jobs, torchrun restarts), start it if not")
     p.add_argument("--nproc", type=_positive_int, default=None, help="launch this many processes with torchrun (DDP)")
+    p.add_argument("--max_restarts", "--max-restarts", dest="max_restarts", type=int, default=0,
+                   help="with --nproc: restart the process group this many times after a process died "
+                        "(needs --auto_resume or --resume)")
     p.set_defaults(func=cmd_pretrain)
     p = sub.add_parser("presets", help="list the presets, or show one with --show NAME")
     p.add_argument("--show", metavar="NAME")
@@ -236,29 +278,51 @@ def _os_error(err: OSError) -> str:
     return f"cannot write or read {where}: {cause}" if where else cause
 
 
+def _run(args, extra: list[str]) -> tuple[int, str | None]:
+    """Run the command: (exit status, the one line for stderr or None)."""
+    try:
+        return args.func(args, extra), None
+    except (UsageError, ValueError, FileNotFoundError, KeyError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        return EXIT_USAGE, f"wmse {args.command}: error: {msg}"
+    except OSError as err:  # a disk that is full or read-only, a path that is not a directory
+        return EXIT_USAGE, f"wmse {args.command}: error: {_os_error(err)}"
+    except TrainingError as err:
+        return EXIT_TRAINING_ERROR, f"wmse {args.command}: training stopped: {err}"
+    except RunStopped as err:
+        return EXIT_STOPPED, f"wmse {args.command}: {err}"
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED, "interrupted"
+    except RuntimeError as err:
+        from .launch import is_lost_peer
+
+        if not is_lost_peer(err):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return EXIT_WORKER_LOST, (f"wmse {args.command}: lost another process of the run ({first[:200]}); "
+                                  "the last checkpoint is kept")
+
+
+def _say(status: int, line: str | None) -> None:
+    """The command's last line: to the launcher of `--nproc` (which prints one for the group), else stderr; of
+    a run stopped by a signal under torchrun, rank 0 alone says it (every rank stops alike)."""
+    from .launch import report
+
+    if report(status, line) or line is None:
+        return
+    if status == EXIT_STOPPED and int(os.environ.get("RANK", "0")) != 0:
+        return
+    print(line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
     args.argv = argv  # the launcher re-runs this command line under torchrun
-    try:
-        return args.func(args, extra)
-    except (UsageError, ValueError, FileNotFoundError, KeyError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"wmse {args.command}: error: {msg}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as err:  # a disk that is full or read-only, a path that is not a directory
-        print(f"wmse {args.command}: error: {_os_error(err)}", file=sys.stderr)
-        return EXIT_USAGE
-    except TrainingError as err:
-        print(f"wmse {args.command}: training stopped: {err}", file=sys.stderr)
-        return EXIT_TRAINING_ERROR
-    except RunStopped as err:
-        print(f"wmse {args.command}: {err}", file=sys.stderr)
-        return EXIT_STOPPED
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    status, line = _run(args, extra)
+    _say(status, line)
+    return status
 
 
 if __name__ == "__main__":

@@ -105,8 +105,22 @@ def setup(cfg) -> Runtime:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
+        store = _attempt_store(world_size)
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world_size)
         dist.init_process_group(backend, timeout=_TIMEOUT, **kwargs)
     return Runtime(device=device, rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def _attempt_store(world_size: int):
+    """Under torchrun's agent store, that store with keys of this attempt only (``TORCHELASTIC_RESTART_COUNT``);
+    None elsewhere. Without the prefix a group that torchrun restarted reads the addresses its lost
+    predecessors left in the store, and gloo's connectFullMesh fails (seen with torch 2.14)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=_TIMEOUT)
+    return dist.PrefixStore(f"wmse/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 class _GatherCat(torch.autograd.Function):

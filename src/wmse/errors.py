@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = ["TrainingError", "RunStopped", "EXIT_OK", "EXIT_TRAINING_ERROR", "EXIT_USAGE", "EXIT_STOPPED",
-           "EXIT_INTERRUPTED"]
+           "EXIT_INTERRUPTED", "EXIT_WORKER_LOST"]
 
 EXIT_OK = 0  # finished
 EXIT_TRAINING_ERROR = 1  # training cannot go on (the loss stayed non-finite); the last finite checkpoint is kept
 EXIT_USAGE = 2  # an error the user can fix: command line, config, data, files, disk
 EXIT_STOPPED = 75  # stopped by SIGINT/SIGTERM after saving a checkpoint: resumable (sysexits' EX_TEMPFAIL)
+EXIT_WORKER_LOST = 76  # a process of a multi-process run died (SIGKILL, out of memory, a lost machine): resumable
 EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once, without a checkpoint of the current step
 
 

@@ -104,12 +104,12 @@ class StepGuard:
         """After the update: a skipped step's buffers put back, the counts, the abort at the limit."""
         raise NotImplementedError
 
-    def read(self, job: Job, state: TrainState, t0: float) -> tuple[float, tuple[bool, bool], float] | None:
+    def read(self, job: Job, state: TrainState, t0: float) -> tuple[float, tuple[bool, bool, bool], float] | None:
         """(loss, agreed stop flags, img/s) when the host reads this step (``state.step`` steps done, the
         step began at ``t0``), None between reads."""
         raise NotImplementedError
 
-    def sync(self, job: Job, state: TrainState) -> tuple[float, tuple[bool, bool]] | None:
+    def sync(self, job: Job, state: TrainState) -> tuple[float, tuple[bool, bool, bool]] | None:
         """Bring the non-finite counts of ``state`` up to date (before a checkpoint)."""
         return None
 
@@ -133,7 +133,7 @@ class HostSkip(StepGuard):
         if state.nonfinite_run >= job.cfg.nonfinite_limit:
             raise TrainingError(divergence_message(job, state, state.step + 1))
 
-    def read(self, job: Job, state: TrainState, t0: float) -> tuple[float, tuple[bool, bool], float]:
+    def read(self, job: Job, state: TrainState, t0: float) -> tuple[float, tuple[bool, bool, bool], float]:
         return self.loss_value, self.stopping, job.cfg.batch_size / (time.perf_counter() - t0)
 
 
@@ -159,7 +159,7 @@ class DeviceSkip(StepGuard):
         self.buffers.restore_unless(ok)
         self.flags.update(ok, state.step + 1, job.cfg.nonfinite_limit)
 
-    def read(self, job: Job, state: TrainState, t0: float) -> tuple[float, tuple[bool, bool], float] | None:
+    def read(self, job: Job, state: TrainState, t0: float) -> tuple[float, tuple[bool, bool, bool], float] | None:
         cfg = job.cfg
         if state.step % self.sync_every and state.step % cfg.log_every and state.step != job.total_steps:
             return None
@@ -168,9 +168,9 @@ class DeviceSkip(StepGuard):
         state.window_start = time.perf_counter()
         return loss_value, stopping, img_s
 
-    def sync(self, job: Job, state: TrainState) -> tuple[float, tuple[bool, bool]]:
+    def sync(self, job: Job, state: TrainState) -> tuple[float, tuple[bool, bool, bool]]:
         """Read the device's non-finite flags into ``state`` (abort if the limit was reached) and agree on a
-        stop. Returns the last loss and the agreed stop flags (signal, deadline)."""
+        stop. Returns the last loss and the agreed flags (signal, deadline, checkpoint due)."""
         flags = self.flags
         loss_value, stopping = distributed.agree(flags.loss, job.stop.raised(), job.rt)
         run, total, hit = (int(t) for t in torch.stack([flags.run, flags.total, flags.hit]).tolist())

@@ -1,5 +1,6 @@
 """Stopping a run cleanly: SIGINT / SIGTERM and the ``max_minutes`` deadline become flags the training loop reads
-at step boundaries, where it writes a checkpoint and returns (the run resumes exactly)."""
+at step boundaries, where it writes a checkpoint and returns (the run resumes exactly); the ``ckpt_minutes``
+period is a flag read the same way, where the loop writes a checkpoint and goes on."""
 
 from __future__ import annotations
 
@@ -14,24 +15,37 @@ __all__ = ["StopFlag"]
 
 class StopFlag:
     """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the next step boundary and returns.
-    ``max_minutes`` (optional) is a deadline checked the same way.
+    ``max_minutes`` (optional) is a deadline checked the same way, and ``ckpt_minutes`` (optional) the period
+    of the checkpoints by time (:meth:`checkpointed` restarts it).
 
     ``announce``: print the one-line notice (torchrun sends the signal to every rank; only the
     main rank says so).
     """
 
-    def __init__(self, announce: bool = True, max_minutes: float | None = None) -> None:
+    def __init__(self, announce: bool = True, max_minutes: float | None = None,
+                 ckpt_minutes: float | None = None) -> None:
         self.signal: int | None = None
         self.announce = announce
         self.deadline = time.monotonic() + 60 * max_minutes if max_minutes else None
+        self.ckpt_seconds = 60 * ckpt_minutes if ckpt_minutes else None
+        self.checkpointed()
 
-    def raised(self) -> tuple[bool, bool]:
-        """(a signal arrived, the deadline has passed): the flags every rank agrees on."""
-        return self.signal is not None, self.deadline is not None and time.monotonic() >= self.deadline
+    def checkpointed(self) -> None:
+        """A checkpoint was written: the next one by time is due ``ckpt_minutes`` from now."""
+        self.ckpt_due = time.monotonic() + self.ckpt_seconds if self.ckpt_seconds else None
+
+    def raised(self) -> tuple[bool, bool, bool]:
+        """(a signal arrived, the deadline has passed, a checkpoint is due): the flags every rank agrees on (in
+        the step's one all-reduce with the loss, so the checkpoint by time costs no communication of its own)."""
+        now = time.monotonic()
+        return (self.signal is not None, self.deadline is not None and now >= self.deadline,
+                self.ckpt_due is not None and now >= self.ckpt_due)
 
     def __call__(self, signum, frame) -> None:
-        if self.signal is not None:  # second Ctrl-C: give up immediately
-            raise KeyboardInterrupt
+        if self.signal is not None:
+            if signum == signal.SIGINT or signum != self.signal:  # a second Ctrl-C or request: give up at once
+                raise KeyboardInterrupt
+            return  # a repeated SIGTERM (a scheduler signals every process, a launcher forwards it too): keep saving
         self.signal = signum
         if self.announce:
             print(f"\nsignal {signal.Signals(signum).name}: saving a checkpoint and stopping after this step",

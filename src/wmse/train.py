@@ -156,7 +156,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
             job.progress = Progress(job.total_steps)
 
         # ============ training ============
-        job.stop = StopFlag(announce=rt.is_main, max_minutes=cfg.max_minutes)
+        job.stop = StopFlag(announce=rt.is_main, max_minutes=cfg.max_minutes, ckpt_minutes=cfg.ckpt_minutes)
         state.window_start, state.started = time.perf_counter(), time.monotonic()
         with job.stop.installed():
             for epoch in range(state.epoch, cfg.epochs):
@@ -272,7 +272,7 @@ def train_one_epoch(job: Job, state: TrainState, epoch: int) -> bool:
     first = state.batch if epoch == state.epoch else 0
     state.epoch, state.batch = epoch, first
     for views in epoch_views(job, epoch, first):
-        signalled, late = train_step(job, state, views)
+        signalled, late, due = train_step(job, state, views)
         state.batch += 1
         done = cfg.max_steps is not None and state.step >= cfg.max_steps
         if signalled or late or done:
@@ -280,6 +280,8 @@ def train_one_epoch(job: Job, state: TrainState, epoch: int) -> bool:
                                  else f"max_steps={cfg.max_steps}")
             save_checkpoint(job, state)
             return False
+        if due and state.batch < job.steps_per_epoch:  # ckpt_minutes passed (the epoch's end writes its own)
+            save_checkpoint(job, state)
     return True
 
 
@@ -309,9 +311,9 @@ def epoch_views(job: Job, epoch: int, first: int = 0) -> Iterator[list[torch.Ten
                 yield [p[i] for p in parts]
 
 
-def train_step(job: Job, state: TrainState, views: list[torch.Tensor]) -> tuple[bool, bool]:
-    """One optimizer step on the d augmented views of a batch; returns the agreed stop flags (a process was
-    signalled, the max_minutes deadline passed), all False between host reads.
+def train_step(job: Job, state: TrainState, views: list[torch.Tensor]) -> tuple[bool, bool, bool]:
+    """One optimizer step on the d augmented views of a batch; returns the agreed flags (a process was
+    signalled, the max_minutes deadline passed, a checkpoint by time is due), all False between host reads.
 
     A non-finite loss skips the step: no update, and the buffers (BatchNorm statistics) the forward pass
     moved are put back; ``cfg.nonfinite_limit`` skipped steps in a row abort the run. ``job.guard`` decides
@@ -337,7 +339,7 @@ def train_step(job: Job, state: TrainState, views: list[torch.Tensor]) -> tuple[
     state.step += 1
     reading = guard.read(job, state, t0)
     if reading is None:
-        return False, False
+        return False, False, False
     loss_value, stopping, img_s = reading
     _log_step(job, state, loss_value, lr, img_s)
     return stopping
@@ -400,6 +402,8 @@ def save_checkpoint(job: Job, state: TrainState) -> None:
             initial_method=job.initial_state), job.run_dir / "checkpoints" / "last.pt")
     distributed.barrier(rt)  # the other ranks wait until rank 0 has written it
     state.checkpoint_step = state.step
+    if job.stop is not None:
+        job.stop.checkpointed()
 
 
 def _evaluate_epoch(job: Job, state: TrainState, seconds: float) -> None:

@@ -88,6 +88,8 @@ class RunFields:
     knn_k: int = 5
     eval_max_train: Optional[int] = 10000  # subsample of the kNN train set in periodic evaluations
     ckpt_every: int = 10  # epochs between checkpoints
+    ckpt_minutes: Optional[float] = 30.0  # also a checkpoint every this many minutes of training, mid-epoch
+    #   (a kill without notice loses at most this much; README says why 30); none: by epochs only
     log_every: int = 50  # steps between training log lines
     max_steps: Optional[int] = None  # stop after this many steps (tests, demos)
     max_minutes: Optional[float] = None  # stop (checkpoint, resumable) after this much training time

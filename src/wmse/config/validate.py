@@ -114,6 +114,8 @@ def validate(cfg: Config) -> None:
         check_min(name, getattr(cfg, name), 1)
     if cfg.max_minutes is not None and cfg.max_minutes <= 0:
         raise ValueError(f"field 'max_minutes' must be > 0, got {cfg.max_minutes}")
+    if cfg.ckpt_minutes is not None and cfg.ckpt_minutes <= 0:
+        raise ValueError(f"field 'ckpt_minutes' must be > 0 (or none), got {cfg.ckpt_minutes}")
     if cfg.n_views < 2:
         raise ValueError(f"n_views must be >= 2 (views of one image are the positives), got {cfg.n_views}")
     _validate_optimisation(cfg)
