@@ -33,7 +33,8 @@ def resolve_checkpoint(run_or_ckpt: str | Path) -> Path:
     if p.is_dir():
         candidate = p / "checkpoints" / "last.pt"
         if not candidate.is_file():
-            raise FileNotFoundError(f"no checkpoint in run directory {p} (expected {candidate})")
+            raise FileNotFoundError(f"no checkpoint in run directory {p} (expected {candidate}): the run stopped "
+                                    "before its first checkpoint, so there is nothing to resume; start it anew")
         return candidate
     return p
 

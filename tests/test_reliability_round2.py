@@ -1,0 +1,154 @@
+"""Faults of the second reliability round (issue 19), as a user meets them: through the `wmse` command in a
+subprocess, with files on disk. A failed embed keeps the previous one; a run name is blocked only by a run;
+full disks name the file and leave no partial files; config faults fail before the first step; the final
+evaluation is never lost; a diverged run does not exit 0; resuming on changed data is refused."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_reliability import TINY, _file_size_limit, assert_one_line_error, wmse
+
+EMBED = ("features.npy", "labels.npy", "paths.txt", "backbone.safetensors")
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {"WMSE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _pretrain(tiny_folder, tmp_path, env, *extra, name="r"):
+    proc = wmse("pretrain", *TINY, "--data_dir", tiny_folder, "--out_dir", tmp_path, "--run_name", name, *extra,
+                env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp_path / name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# item 1: the files of one embed appear together or not at all
+
+
+def test_a_failed_embed_keeps_the_previous_embed_whole(tiny_folder, tmp_path, env):
+    run = _pretrain(tiny_folder, tmp_path, env, "--epochs", "2", "--max_steps", "1")
+    out = run / "embed" / "train"
+    assert wmse("embed", run, env=env).returncode == 0
+    before = _files(out)
+    assert set(before) == set(EMBED)
+    assert wmse("pretrain", "--resume", run, env=env).returncode == 0  # trained on: a new embed differs
+    # a file size limit between the small files and the backbone: the backbone's write fails last
+    small = max(len(before[n]) for n in ("features.npy", "labels.npy", "paths.txt"))
+    limit = small + 1024
+    assert limit < len(before["backbone.safetensors"])
+    proc = wmse("embed", run, env=env, preexec_fn=_file_size_limit(limit))
+    assert_one_line_error(proc, 2, str(out / "backbone.safetensors"), "File too large")
+    assert _files(out) == before  # all four, as they were
+    assert sorted(p.name for p in out.parent.iterdir()) == ["train"]  # no temporary folder left
+    assert wmse("embed", run, env=env).returncode == 0
+    after = _files(out)
+    assert set(after) == set(EMBED) and after["features.npy"] != before["features.npy"]
+
+
+def test_an_embed_killed_at_the_swap_keeps_the_previous_one(tiny_folder, tmp_path, env, monkeypatch):
+    """In-process: the swap itself fails (as a kill at that point would stop it), and the system without an
+    atomic exchange (two renames) replaces the whole set too."""
+    from wmse import fileio
+    from wmse.trained import embed_run
+
+    run = _pretrain(tiny_folder, tmp_path, env, "--epochs", "1", "--max_steps", "1")
+    out = tmp_path / "emb"
+    embed_run(run, out_dir=out, device="cpu", log=lambda m: None)
+    before = _files(out)
+
+    def killed(new, folder):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fileio, "_swap_in", killed)
+    with pytest.raises(KeyboardInterrupt):
+        embed_run(run, out_dir=out, head=True, device="cpu", log=lambda m: None)
+    assert _files(out) == before and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    monkeypatch.undo()
+    monkeypatch.setattr(fileio, "_exchange", lambda a, b: False)
+    embed_run(run, out_dir=out, head=True, device="cpu", log=lambda m: None)
+    after = _files(out)
+    assert set(after) == set(before) and after["features.npy"] != before["features.npy"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".emb.")]
+
+
+def test_embed_never_replaces_a_folder_holding_the_users_files(tiny_folder, tmp_path, env):
+    run = _pretrain(tiny_folder, tmp_path, env, "--epochs", "1", "--max_steps", "1")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert_one_line_error(wmse("embed", run, "--out", out, env=env), 2, str(out), "notes.txt")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_orphan_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tiny_folder, tmp_path, env):
+    run = _pretrain(tiny_folder, tmp_path, env, "--epochs", "1", "--max_steps", "1")
+    assert wmse("embed", run, env=env).returncode == 0
+    emb = run / "embed"
+    dead = [emb / "train" / "features.npy.k1ll3d.tmp", emb / ".train.d3ad.tmp", run / "eval.json.x9.tmp"]
+    dead[0].write_bytes(b"partial")
+    dead[1].mkdir()
+    (dead[1] / "features.npy").write_bytes(b"partial")
+    dead[2].write_bytes(b"")
+    live = emb / "train.npy.l1ve.tmp"  # a writer that is still writing holds its lock
+    live.write_bytes(b"partial")
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert wmse("embed", run, env=env).returncode == 0
+        assert wmse("evaluate", run, "--no_linear", env=env).returncode == 0
+        assert not any(p.exists() for p in dead)
+        assert live.exists()
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in (emb / "train").iterdir()) == sorted(EMBED)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# item 11: a directory that holds no run does not block its name
+
+
+def test_a_run_killed_while_loading_does_not_block_its_name(tiny_folder, tmp_path, env):
+    from wmse.run_directory import RunDirectory
+
+    run = tmp_path / "r"
+    (run / "checkpoints").mkdir(parents=True)  # what a kill during data loading leaves: the lock, empty folders
+    (run / ".lock").write_text("999999\n")
+    common = [*TINY, "--data_dir", tiny_folder, "--out_dir", tmp_path, "--run_name", "r", "--epochs", "1",
+              "--max_steps", "1"]
+    proc = wmse("pretrain", "--resume", run, env=env)
+    assert_one_line_error(proc, 2, "no checkpoint", "start it anew")
+    holder = RunDirectory.existing(run)
+    holder.lock()  # a live process still holding it: refused
+    try:
+        assert_one_line_error(wmse("pretrain", *common, env=env), 2, "being written by another wmse process")
+    finally:
+        holder.close()
+    proc = wmse("pretrain", *common, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "config.json").is_file()
+
+
+def test_a_directory_holding_any_file_still_blocks_its_name(tiny_folder, tmp_path, env):
+    run = tmp_path / "r"
+    (run / "sub").mkdir(parents=True)
+    (run / ".lock").write_text("")
+    (run / "sub" / "notes.txt").write_text("the user's")
+    proc = wmse("pretrain", *TINY, "--data_dir", tiny_folder, "--out_dir", tmp_path, "--run_name", "r", env=env)
+    assert_one_line_error(proc, 2, "already exists")
+    assert (run / "sub" / "notes.txt").read_text() == "the user's"
