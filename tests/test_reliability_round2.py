@@ -152,3 +152,73 @@ def test_a_directory_holding_any_file_still_blocks_its_name(tiny_folder, tmp_pat
     proc = wmse("pretrain", *TINY, "--data_dir", tiny_folder, "--out_dir", tmp_path, "--run_name", "r", env=env)
     assert_one_line_error(proc, 2, "already exists")
     assert (run / "sub" / "notes.txt").read_text() == "the user's"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# item 12: a full disk names the file, prints no traceback and leaves no partial file
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (root only): ``fill(left)`` fills it up to ``left`` free bytes."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root): the full-disk cases need a small filesystem")
+
+    def fill(left: int) -> None:
+        st = os.statvfs(disk)
+        (disk / "filler").write_bytes(b"x" * max(0, st.f_bavail * st.f_frsize - left))
+
+    yield disk, fill
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_disk_filling_up_during_training_is_one_line_naming_the_file(tiny_folder, small_disk, env):
+    disk, fill = small_disk
+    fill(24 * 1024)  # room for the config and a few metrics, not for a checkpoint
+    proc = wmse("pretrain", *TINY, "--data_dir", tiny_folder, "--out_dir", disk, "--run_name", "r", "--epochs",
+                "30", "--ckpt_every", "100", env=env)
+    assert_one_line_error(proc, 2, str(disk / "r"), "No space left on device")
+    assert "Traceback" not in proc.stderr and "Exception in thread" not in proc.stderr
+
+
+def test_a_failing_tensorboard_writer_is_one_error_naming_its_folder(tmp_path, capfd):
+    """The events are written by TensorBoard's thread: its failure is raised by the next write, naming RUN/tb,
+    with no thread traceback on stderr."""
+    import errno
+    import time
+
+    from wmse.progress import MetricsLog
+
+    class Full:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        flush = write
+
+        def close(self):
+            pass
+
+    log = MetricsLog(tmp_path)
+    log.tb._get_file_writer().event_writer._async_writer._writer._writer = Full()
+    with pytest.raises(OSError) as err:
+        for step in range(200):
+            log.write("train", step, loss=1.0)
+            time.sleep(0.01)
+    log.close()
+    assert err.value.filename == str(tmp_path / "tb") and err.value.errno == errno.ENOSPC
+    assert capfd.readouterr().err == ""
+
+
+def test_report_on_a_full_disk_names_the_file_and_leaves_no_empty_file(tiny_folder, tmp_path, small_disk, env):
+    import shutil
+
+    disk, fill = small_disk
+    run = _pretrain(tiny_folder, tmp_path, env, "--epochs", "2")
+    shutil.copytree(run, disk / "r", ignore=shutil.ignore_patterns("checkpoints"))
+    fill(8 * 1024)
+    proc = wmse("report", disk / "r", env=env)
+    assert_one_line_error(proc, 2, str(disk / "r" / "report"), "No space left on device")
+    assert [p.name for p in (disk / "r" / "report").iterdir() if p.stat().st_size == 0] == []
+    assert not list((disk / "r" / "report").glob("*.tmp"))
