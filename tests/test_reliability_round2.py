@@ -222,3 +222,23 @@ def test_report_on_a_full_disk_names_the_file_and_leaves_no_empty_file(tiny_fold
     assert_one_line_error(proc, 2, str(disk / "r" / "report"), "No space left on device")
     assert [p.name for p in (disk / "r" / "report").iterdir() if p.stat().st_size == 0] == []
     assert not list((disk / "r" / "report").glob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# item 13: what a config can be checked for is checked before the first step
+
+
+def test_an_evaluation_crop_that_cannot_fit_fails_before_training(tiny_folder, tmp_path, env):
+    common = [*TINY, "--data_dir", tiny_folder, "--out_dir", tmp_path / "runs", "--run_name", "r", "--epochs", "1"]
+    # --resize makes the images 8 px: a 32 px evaluation crop cannot fit (known from the config alone)
+    proc = wmse("pretrain", *common, "--resize", "8", "--image_size", "32", env=env)
+    assert_one_line_error(proc, 2, "--eval_resize 32", "8x8")
+    assert "step 1/" not in proc.stderr
+    # the folder's images are 16 px (known once they are loaded): still before the first step
+    proc = wmse("pretrain", *common, "--eval_size", "20", env=env)
+    assert_one_line_error(proc, 2, "--eval_resize 20", "16x16")
+    assert "step 1/" not in proc.stderr and not (tmp_path / "runs").exists()
+    proc = wmse("pretrain", *common, "--eval_max_train", "3", env=env)
+    assert_one_line_error(proc, 2, "eval_max_train (3)", "knn_k (5)")
+    proc = wmse("pretrain", *common, "--eval_size", "20", "--eval_resize", "20", "--max_steps", "1", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # a resize that makes it fit: trains and evaluates

@@ -35,7 +35,8 @@ from .methods import METHODS, Method, build_method
 from .optim import build_optimizer
 from .progress import MetricsLog, Progress
 from .splits import RunData, load_run_data
-from .scoring import diagnostics_record, final_evaluation, format_final, knn_monitor, make_eval_transform
+from .scoring import (check_eval_fits, diagnostics_record, final_evaluation, format_final, knn_monitor,
+                      make_eval_transform)
 from .run_directory import RunDirectory
 from .schedule import lr_factor
 from .whitening import fallback_count
@@ -221,6 +222,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
             raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training set ({len(data.train)} images)")
         if cfg.image_size is None:  # the images' own side (an image folder without a preset)
             cfg = cfg.replace(image_size=min(data.train.images.shape[2:]))
+        check_eval_fits(cfg, data)  # a crop that cannot fit fails now, not at the first evaluation
         job = build_job(cfg, rt, data, run.path, log)
         state = _restore(job, ckpt, resume) if ckpt is not None else TrainState()
         if job.sync_every > 1:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from ..augment import validate_recipe
+from ..augment import check_eval_crop, validate_recipe
 from ..checks import check_choice, check_min, check_range
 from .schema import Config, all_fields
 
@@ -25,6 +25,12 @@ def _validate_augment(cfg: Config) -> None:
             f"eval_resize ({cfg.eval_resize}) is smaller than eval_size ({cfg.eval_size}); "
             "the centre crop must fit in the resized image"
         )
+    crop = cfg.eval_size or cfg.image_size
+    if cfg.resize is not None and crop is not None:  # --resize makes every image resize x resize at load time
+        try:
+            check_eval_crop(crop, cfg.resize, cfg.resize, cfg.eval_resize)
+        except ValueError as err:
+            raise ValueError(f"{err} (resize={cfg.resize} makes the images {cfg.resize}x{cfg.resize})") from None
 
 
 def _validate_splits(cfg: Config) -> None:
@@ -110,6 +116,9 @@ def validate(cfg: Config) -> None:
         check_min(name, getattr(cfg, name), 1)
     for name in ("max_steps", "eval_max_train", "threads", "sync_every", "augment_batches"):
         check_min(name, getattr(cfg, name), 1)
+    if cfg.eval_max_train is not None and cfg.eval_max_train < cfg.knn_k:
+        raise ValueError(f"eval_max_train ({cfg.eval_max_train}) is below knn_k ({cfg.knn_k}): the periodic kNN "
+                         "needs at least knn_k training images")
     if cfg.max_minutes is not None and cfg.max_minutes <= 0:
         raise ValueError(f"field 'max_minutes' must be > 0, got {cfg.max_minutes}")
     if cfg.n_views < 2:
