@@ -242,3 +242,106 @@ def test_an_evaluation_crop_that_cannot_fit_fails_before_training(tiny_folder, t
     assert_one_line_error(proc, 2, "eval_max_train (3)", "knn_k (5)")
     proc = wmse("pretrain", *common, "--eval_size", "20", "--eval_resize", "20", "--max_steps", "1", env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]  # a resize that makes it fit: trains and evaluates
+
+
+# ---------------------------------------------------------------------------------------------------------
+# item 5: the final evaluation is never lost
+
+
+def test_sigterm_during_the_final_evaluation_and_resume_runs_it(tiny_folder, tmp_path, env):
+    run = tmp_path / "r"
+    args = ["pretrain", *TINY, "--data_dir", tiny_folder, "--out_dir", tmp_path, "--run_name", "r", "--epochs", "1",
+            "--final_eval", "true", "--linear_epochs", "3000"]
+    proc = subprocess.Popen([sys.executable, "-m", "wmse", *map(str, args)], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # the random-init encoder is scored first; stop while the trained one is
+        seen.append(line)
+        if line.startswith("final eval [random_init]"):
+            proc.send_signal(15)
+            break
+    out, err = proc.communicate(timeout=300)
+    err = "".join(seen) + err
+    assert proc.returncode == 75, err[-2000:]
+    assert "Traceback" not in err and "--resume" in err.strip().splitlines()[-1]
+    assert not (run / "final_eval.json").exists() and not list(run.glob("*.tmp"))
+    proc = wmse("pretrain", "--resume", run, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "final evaluation is missing" in proc.stderr and "kNN gain over random init" in proc.stdout
+    assert json.loads((run / "final_eval.json").read_text())["trained"]["linear_top1"] is not None
+    proc = wmse("pretrain", "--resume", run, env=env)
+    assert proc.returncode == 0 and "already finished" in proc.stderr  # now it is
+
+
+def test_a_full_disk_at_the_final_evaluation_leaves_no_partial_file(tiny_folder, tmp_path, small_disk, env):
+    import shutil
+
+    disk, fill = small_disk
+    run = _pretrain(tiny_folder, tmp_path, env, "--epochs", "1", "--final_eval", "true")
+    (run / "final_eval.json").unlink()  # as a run whose final evaluation could not be written
+    shutil.copytree(run, disk / "r", ignore=shutil.ignore_patterns("tb", "metrics.jsonl"))
+    fill(0)
+    proc = wmse("pretrain", "--resume", disk / "r", env=env)
+    assert_one_line_error(proc, 2, str(disk / "r" / "final_eval.json"), "No space left on device")
+    assert not (disk / "r" / "final_eval.json").exists() and not list((disk / "r").glob("*.tmp"))
+    (disk / "filler").unlink()
+    proc = wmse("pretrain", "--resume", disk / "r", env=env)
+    assert proc.returncode == 0 and "kNN gain over random init" in proc.stdout, proc.stderr[-2000:]
+    assert json.loads((disk / "r" / "final_eval.json").read_text())["trained"]["knn_top1"] is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# item 6: a diverged run does not exit 0
+
+
+def test_a_diverged_run_without_a_checkpoint_exits_1_and_says_so(tiny_folder, tmp_path, env):
+    proc = wmse("pretrain", *TINY, "--data_dir", tiny_folder, "--out_dir", tmp_path, "--run_name", "r",
+                "--lr", "1e30", "--epochs", "1", env=env)
+    assert_one_line_error(proc, 1, "no checkpoint")
+    assert "the previous checkpoint stays" not in proc.stderr
+    assert not (tmp_path / "r" / "checkpoints" / "last.pt").exists()
+
+
+def test_an_update_that_makes_the_weights_non_finite_is_a_non_finite_step(tiny_folder, tmp_path, env):
+    from wmse.progress import read_metrics
+
+    # the loss of step 1 is finite; lr 1e39 overflows float32 in the update: the weights become infinite
+    proc = wmse("pretrain", *TINY, "--data_dir", tiny_folder, "--out_dir", tmp_path, "--run_name", "r",
+                "--lr", "1e39", "--warmup_iters", "0", "--epochs", "1", "--max_steps", "1", env=env)
+    assert_one_line_error(proc, 1, "no checkpoint")
+    first = [r for r in read_metrics(tmp_path / "r") if r["kind"] == "train"][0]
+    assert np.isfinite(first["loss"]) and first["nonfinite_skipped"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# item 2: resuming on other data is refused
+
+
+def test_resuming_on_changed_data_is_refused_unless_allowed(tiny_folder, tmp_path, env):
+    import shutil
+
+    from wmse.checkpoint import load_checkpoint, save_atomic
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_folder, data)
+    run = tmp_path / "r"
+    proc = wmse("pretrain", *TINY, "--data_dir", data, "--out_dir", tmp_path, "--run_name", "r", "--epochs", "3",
+                "--max_steps", "1", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rng = np.random.default_rng(5)
+    for c in ("red", "blue"):
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(data / c / f"new{i}.png")
+    (data / "red" / "000.png").unlink()
+    before = load_checkpoint(run)["step"]
+    proc = wmse("pretrain", "--resume", run, "--max_steps", "2", env=env)
+    assert_one_line_error(proc, 2, "10 image(s) added, 1 removed", "--allow_data_change")
+    assert load_checkpoint(run)["step"] == before
+    proc = wmse("pretrain", "--resume", run, "--max_steps", "2", "--allow_data_change", env=env)
+    assert proc.returncode == 0 and "continuing on changed data" in proc.stderr, proc.stderr[-2000:]
+    ckpt = load_checkpoint(run)
+    assert ckpt["step"] == 2 and ckpt["data"]["n"] == 128 + 10 - 1
+    del ckpt["data"]  # a checkpoint of an earlier wmse
+    save_atomic(ckpt, run / "checkpoints" / "last.pt")
+    proc = wmse("pretrain", "--resume", run, "--max_steps", "3", env=env)
+    assert proc.returncode == 0 and "records no data fingerprint" in proc.stderr, proc.stderr[-2000:]

@@ -87,7 +87,7 @@ def cmd_pretrain(args, extra: list[str]) -> int:
         from .launch import launch
 
         return launch(args.nproc, args.argv, cfg)
-    pretrain(cfg, resume=args.resume)
+    pretrain(cfg, resume=args.resume, allow_data_change=args.allow_data_change)
     return EXIT_OK
 
 
@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="named configuration (see `wmse presets`); default: quick")
     p.add_argument("--resume", help="run directory or checkpoint to continue exactly where it stopped")
     p.add_argument("--nproc", type=_positive_int, default=None, help="launch this many processes with torchrun (DDP)")
+    p.add_argument("--allow_data_change", "--allow-data-change", action="store_true",
+                   help="with --resume: continue although the data differ from those the run trained on")
     p.set_defaults(func=cmd_pretrain)
     p = sub.add_parser("presets", help="list the presets, or show one with --show NAME")
     p.add_argument("--show", metavar="NAME")

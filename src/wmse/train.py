@@ -31,6 +31,8 @@ from .config import PRESETS, Config, validate
 from .data.loader import BatchLoader
 from .device import cpu_has_native_bf16
 from .errors import RunStopped, TrainingError
+from .fileio import write_text_atomic
+from .fingerprint import check_resume_data
 from .methods import METHODS, Method, build_method
 from .optim import build_optimizer
 from .progress import MetricsLog, Progress
@@ -177,6 +179,7 @@ class Job:
     metrics: MetricsLog | None = None  # main rank only
     progress: Progress | None = None
     stop: StopFlag | None = None
+    fingerprint: dict | None = None  # which data the run uses (recorded in its checkpoints)
 
     @property
     def device(self) -> torch.device:
@@ -191,11 +194,12 @@ class Job:
         return self.steps_per_epoch * self.cfg.epochs
 
 
-def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
+def pretrain(cfg: Config, resume: str | Path | None = None, log=None, allow_data_change: bool = False) -> Path:
     """Run (or resume) pretraining; returns the run directory.
 
     ``resume``: a run directory or checkpoint; training continues exactly where it stopped (same batches,
-    augmentations and random slices), in the same run directory.
+    augmentations and random slices), in the same run directory, on the same data (a checkpoint records a
+    fingerprint of it) unless ``allow_data_change``.
 
     Raises:
         ValueError: a setting, the data or the run directory cannot work (nothing is trained).
@@ -223,14 +227,21 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
         if cfg.image_size is None:  # the images' own side (an image folder without a preset)
             cfg = cfg.replace(image_size=min(data.train.images.shape[2:]))
         check_eval_fits(cfg, data)  # a crop that cannot fit fails now, not at the first evaluation
+        fingerprint = check_resume_data(ckpt, data, allow_data_change, log)
         job = build_job(cfg, rt, data, run.path, log)
+        job.fingerprint = fingerprint
         state = _restore(job, ckpt, resume) if ckpt is not None else TrainState()
         if job.sync_every > 1:
             job.flags = DeviceFlags(job.device, state.nonfinite_total)
         if state.epoch >= cfg.epochs:
+            failed = False
+            if rt.is_main and _final_eval_missing(job):
+                log(f"{run.path} is trained (epoch {state.epoch} of {cfg.epochs}) but its final evaluation is "
+                    "missing: running it now")
+                _final_eval(job, state)
+                return run.path
             log(f"{run.path} is already finished (epoch {state.epoch} of {cfg.epochs}); nothing to do. "
                 "To train longer, resume with a larger --epochs")
-            failed = False
             return run.path
 
         # ============ logging ============
@@ -426,13 +437,17 @@ def train_step(job: Job, state: TrainState, views: list[torch.Tensor]) -> tuple[
     # learns whether any rank was signalled, so all take the same branch below
     loss_value, stopping = distributed.agree(loss, job.stop.raised(), job.rt)
     optimizer.zero_grad(set_to_none=True)
-    if math.isfinite(loss_value):
-        state.nonfinite_run = 0
+    finite = math.isfinite(loss_value)
+    if finite:
         loss.backward()
         optimizer.step()
         job.method.on_step(state.step + 1, job.total_steps)
+        finite = bool(_finite_flag(job.method))  # a finite loss whose update overflowed the weights
     else:
         job.buffers.restore()
+    if finite:
+        state.nonfinite_run = 0
+    else:
         state.nonfinite_run += 1
         state.nonfinite_total += 1
         if state.nonfinite_run >= cfg.nonfinite_limit:
@@ -461,6 +476,7 @@ def _device_update(job: Job, state: TrainState, loss: torch.Tensor, lr: float) -
     optimizer.found_inf = (~ok).float()  # fused Adam leaves parameters, moments and step count as they were
     optimizer.step()
     job.method.on_step(state.step + 1, job.total_steps)
+    ok = ok & _finite_flag(job.method)  # a finite loss whose update overflowed the weights: non-finite too
     job.buffers.restore_unless(ok)
     flags.update(ok, state.step + 1, cfg.nonfinite_limit)
     state.step += 1
@@ -504,15 +520,25 @@ def _divergence_message(job: Job, state: TrainState, step: int) -> str:
     causes += METHODS[cfg.method].nonfinite_hints(cfg)
     if cfg.precision == "bf16":
         causes.append("bf16 rounding (try --precision fp32)")
-    kept = (f"the last finite checkpoint (step {state.checkpoint_step}) is kept in {job.run_dir / 'checkpoints'}"
-            if state.checkpoint_step is not None else "no checkpoint was written")
-    return (f"loss was non-finite for {state.nonfinite_run} steps in a row (step {step}); {kept}. "
+    return (f"loss was non-finite for {state.nonfinite_run} steps in a row (step {step}); {_kept(job, state)}. "
             f"Likely causes: {'; '.join(causes)}")
 
 
+def _finite_flag(method: Method) -> torch.Tensor:
+    """Whether every float parameter and buffer is finite, as one device bool (one host read if read)."""
+    return torch.stack([torch.isfinite(t).all() for t in (*method.parameters(), *method.buffers())
+                        if t.is_floating_point()]).all()
+
+
+def _kept(job: Job, state: TrainState) -> str:
+    """Which checkpoint exists: the last finite one, or none."""
+    if state.checkpoint_step is None:
+        return "no checkpoint was written"
+    return f"the last finite checkpoint (step {state.checkpoint_step}) is kept in {job.run_dir / 'checkpoints'}"
+
+
 def _state_is_finite(method: Method) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in (*method.parameters(), *method.buffers())
-               if t.is_floating_point())
+    return bool(_finite_flag(method))
 
 
 def save_checkpoint(job: Job, state: TrainState) -> None:
@@ -527,7 +553,7 @@ def save_checkpoint(job: Job, state: TrainState) -> None:
     rng_ranks = [g[0] for g in gathered]
     if not all(g[1] for g in gathered):
         job.log(f"checkpoint not written at step {state.step}: the model is not finite or its last "
-                f"{state.nonfinite_run} losses were not; the previous checkpoint stays")
+                f"{state.nonfinite_run} losses were not; {_kept(job, state)}")
         return
     if rt.is_main:
         ckpt = {
@@ -537,6 +563,7 @@ def save_checkpoint(job: Job, state: TrainState) -> None:
             "config": job.cfg.to_dict(), "nonfinite_total": state.nonfinite_total,
             "train_seconds": state.train_seconds(),
             "mean": list(job.data.mean), "std": list(job.data.std),  # so evaluation normalises exactly as training
+            "data": job.fingerprint,  # which data: --resume on other data is refused
         }
         if job.initial_state is not None:
             ckpt["initial_method"] = job.initial_state
@@ -581,11 +608,41 @@ def _finish(job: Job, state: TrainState) -> None:
     if fallbacks and rt.is_main:
         log(f"whitening: {fallbacks} slice covariances needed jitter during this run")
     distributed.barrier(rt)  # all checkpoints written; rank 0 alone goes on to the final evaluation
+    if state.checkpoint_step != state.step:  # the last save was refused: the model or its last losses diverged
+        raise TrainingError(f"the run ended at step {state.step} with a non-finite model or loss "
+                            f"({state.nonfinite_total} non-finite steps skipped), so that state is not saved; "
+                            f"{_kept(job, state)}. Try a smaller --lr or a longer --warmup_iters")
     if state.stop_reason == "signal":
         raise RunStopped(job.run_dir, state.step, signal.Signals(job.stop.signal).name)
     if state.stop_reason is not None:
         log(f"stopped at step {state.step} ({state.stop_reason}); continue with: wmse pretrain --resume {job.run_dir}")
     elif cfg.final_eval and rt.is_main and job.data.labelled:
-        results = final_evaluation(job.method, job.initial_state, job.data, cfg, job.device, job.transform, log)
-        (job.run_dir / "final_eval.json").write_text(json.dumps({"note": job.data.note, **results}, indent=2))
-        print(format_final(results, job.data.note))
+        _final_eval(job, state)
+
+
+def _final_eval_missing(job: Job) -> bool:
+    """Whether the run wants a final evaluation and has no readable RUN/final_eval.json."""
+    if not (job.cfg.final_eval and job.data.labelled):
+        return False
+    try:
+        return not isinstance(json.loads((job.run_dir / "final_eval.json").read_text()), dict)
+    except (OSError, ValueError):
+        return True
+
+
+def _final_eval(job: Job, state: TrainState) -> None:
+    """The final comparison with the random init -> RUN/final_eval.json (atomic) and the table on stdout.
+    SIGINT/SIGTERM stop it at once (RunStopped): the checkpoint is saved and ``--resume`` runs it again."""
+    def stop(signum, frame):
+        raise RunStopped(job.run_dir, state.step, signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if \
+        threading.current_thread() is threading.main_thread() else {}
+    try:
+        results = final_evaluation(job.method, job.initial_state, job.data, job.cfg, job.device, job.transform,
+                                   job.log)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    write_text_atomic(job.run_dir / "final_eval.json", json.dumps({"note": job.data.note, **results}, indent=2))
+    print(format_final(results, job.data.note))
