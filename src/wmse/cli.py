@@ -1,7 +1,7 @@
 """The `wmse` command: pretrain | presets | evaluate | embed | report.
 
-Exit statuses (wmse.errors): 0 done; 1 training stopped because the loss stayed non-finite (the last
-finite checkpoint is kept); 2 an error the user can fix (command line, config, data, a file that cannot be
+Exit statuses (wmse.errors): 0 done; 1 training diverged: the loss stayed non-finite, or the run ended in a
+non-finite state that has no checkpoint (the last finite checkpoint is kept); 2 an error the user can fix (command line, config, data, a file that cannot be
 read or written, a full disk, a run directory in use), printed as one line on stderr without a
 traceback; 75 stopped by SIGINT/SIGTERM after saving a checkpoint (``--resume`` continues it); 130 a
 second Ctrl-C (stopped at once).
