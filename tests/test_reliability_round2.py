@@ -92,8 +92,11 @@ def test_embed_never_replaces_a_folder_holding_the_users_files(tiny_folder, tmp_
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
+    (out / "draft.v2.tmp").write_text("mine too")  # named like a temporary, but not of an embed's file
+    (tmp_path / "list.2024.tmp").write_text("mine")
     assert_one_line_error(wmse("embed", run, "--out", out, env=env), 2, str(out), "notes.txt")
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["draft.v2.tmp", "notes.txt"]
+    assert (tmp_path / "list.2024.tmp").read_text() == "mine"
 
 
 def test_orphan_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tiny_folder, tmp_path, env):
@@ -105,9 +108,9 @@ def test_orphan_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tiny_
     dead[1].mkdir()
     (dead[1] / "features.npy").write_bytes(b"partial")
     dead[2].write_bytes(b"")
-    live = emb / "train.npy.l1ve.tmp"  # a writer that is still writing holds its lock
-    live.write_bytes(b"partial")
-    fd = os.open(live, os.O_RDONLY)
+    live = emb / ".train.l1ve.tmp"  # the folder of an embed still being written: its writer holds the lock
+    live.mkdir()
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         assert wmse("embed", run, env=env).returncode == 0
@@ -160,10 +163,10 @@ def test_a_directory_holding_any_file_still_blocks_its_name(tiny_folder, tmp_pat
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 2 MiB tmpfs (root only): ``fill(left)`` fills it up to ``left`` free bytes."""
+    """An 8 MiB tmpfs (root only): ``fill(left)`` fills it up to ``left`` free bytes."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root): the full-disk cases need a small filesystem")
 
     def fill(left: int) -> None:
@@ -302,15 +305,39 @@ def test_a_diverged_run_without_a_checkpoint_exits_1_and_says_so(tiny_folder, tm
     assert not (tmp_path / "r" / "checkpoints" / "last.pt").exists()
 
 
-def test_an_update_that_makes_the_weights_non_finite_is_a_non_finite_step(tiny_folder, tmp_path, env):
-    from wmse.progress import read_metrics
+@pytest.fixture
+def huge_loss_method():
+    """W-MSE plus sqrt(0): the loss is finite, its gradient is not, so the update makes the weights non-finite."""
+    from wmse.methods import METHODS, WMSE
 
-    # the loss of step 1 is finite; lr 1e39 overflows float32 in the update: the weights become infinite
-    proc = wmse("pretrain", *TINY, "--data_dir", tiny_folder, "--out_dir", tmp_path, "--run_name", "r",
-                "--lr", "1e39", "--warmup_iters", "0", "--epochs", "1", "--max_steps", "1", env=env)
-    assert_one_line_error(proc, 1, "no checkpoint")
-    first = [r for r in read_metrics(tmp_path / "r") if r["kind"] == "train"][0]
+    @METHODS.register("wmse_huge")
+    class Huge(WMSE):
+        def loss(self, views):
+            w = next(self.parameters())
+            return super().loss(views) + (w - w.detach()).sum().sqrt()  # value 0, gradient infinite
+
+    yield Huge
+    METHODS.remove("wmse_huge")
+
+
+@pytest.mark.parametrize("sync_every", [1, 3])  # the step skipped on the host, and on the device
+def test_an_update_that_makes_the_weights_non_finite_is_a_non_finite_step(huge_loss_method, tiny_folder, tmp_path,
+                                                                           make_config, sync_every):
+    from wmse.errors import TrainingError
+    from wmse.progress import read_metrics
+    from wmse.train import pretrain
+
+    cfg = make_config(tiny_folder, tmp_path, method="wmse_huge", epochs=1, max_steps=1, sync_every=sync_every,
+                      warmup_iters=0)
+    with pytest.raises(TrainingError, match="no checkpoint was written"):
+        pretrain(cfg, log=lambda m: None)
+    first = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"][0]
     assert np.isfinite(first["loss"]) and first["nonfinite_skipped"] == 1
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_a_learning_rate_beyond_float32_is_refused_before_training(tmp_path, env):
+    assert_one_line_error(wmse("pretrain", "--preset", "quick", "--lr", "1e39", env=env), 2, "lr", "1e+39")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,10 +16,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import fnmatch
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -58,7 +60,7 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any], mode: int 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _locked_temp(lambda: tempfile.mkstemp(prefix=f"{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
     try:
-        with os.fdopen(fd, "wb") as raw:  # open (so locked) until renamed
+        with _naming_errors(path), os.fdopen(fd, "wb") as raw:  # open (so locked) until renamed
             _write_synced(raw, write, path)
             if mode is not None:
                 os.chmod(tmp, mode)
@@ -67,6 +69,17 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any], mode: int 
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+@contextmanager
+def _naming_errors(path: Path):
+    """OSErrors that name no file (closing a buffered file flushes it again, and fails again) name ``path``."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
 
 
 def _write_synced(raw: IO[bytes], write: Callable[[IO[bytes]], Any], path: Path) -> None:
@@ -109,15 +122,17 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return write_atomic(path, lambda f: f.write(text.encode()))
 
 
-def remove_orphans(folder: str | Path) -> list[Path]:
+def remove_orphans(folder: str | Path, names: tuple[str, ...] | None = None) -> list[Path]:
     """Delete the temporaries (``NAME.*.tmp`` files, ``.NAME.*.tmp`` folders) that writers which died in the
     middle of a write (a kill, a crash) left in ``folder``; those being written are kept (their writer holds
-    a flock on them). Safe to call from any process at any time."""
+    a flock on them). Safe to call from any process at any time. ``names``: only the temporaries of these
+    targets (in a folder that is the user's, not wmse's)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
-    for p in folder.glob(f"*.*{TMP_SUFFIX}"):
+    patterns = [f"{n}.*{TMP_SUFFIX}" for n in names] if names is not None else [f"*.*{TMP_SUFFIX}"]
+    for p in (p for pattern in patterns for p in folder.glob(pattern)):
         try:
             fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:  # gone meanwhile, a link, or unreadable: not ours to remove
@@ -173,17 +188,18 @@ def check_replaceable(folder: str | Path, owned: tuple[str, ...]) -> None:
     fails before the work; :func:`write_folder_atomic` checks again."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    remove_orphans(folder.parent)
+    remove_orphans(folder.parent, names=(f".{folder.name}",))  # the parent may be the user's: only ours
     if not folder.exists():
         return
     if not folder.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", str(folder))
-    remove_orphans(folder)
-    foreign = sorted(p.name for p in folder.iterdir() if p.name not in owned)
+    ours = [*owned, *(f"{n}.*{TMP_SUFFIX}" for n in owned)]
+    foreign = sorted(p.name for p in folder.iterdir() if not any(fnmatch.fnmatchcase(p.name, o) for o in ours))
     if foreign:
         raise ValueError(f"{folder} holds files that are not wmse's ({', '.join(foreign[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}): it is replaced as a whole, so give a "
                          "new or empty folder")
+    remove_orphans(folder, names=owned)
 
 
 def write_folder_atomic(folder: str | Path, files: dict[str, Callable[[IO[bytes]], Any]],
@@ -204,7 +220,7 @@ def write_folder_atomic(folder: str | Path, files: dict[str, Callable[[IO[bytes]
     tmp = Path(tmp)
     try:
         for name, write in files.items():
-            with open(tmp / name, "wb") as raw:
+            with _naming_errors(folder / name), open(tmp / name, "wb") as raw:
                 _write_synced(raw, write, folder / name)
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the folder is the user's output
         _fsync_dir(tmp)

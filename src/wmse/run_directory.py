@@ -111,8 +111,12 @@ class RunDirectory:
         if self.reclaimed and not _holds_no_run(self.path):  # another run took it since the check
             os.close(fd)
             raise _taken(self.path)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as err:  # a full disk
+            os.close(fd)
+            raise OSError(err.errno, err.strerror, str(lock_path)) from err
         self._lock_fd = fd
         for folder in (self.path, self.path / "checkpoints"):
             remove_orphans(folder)

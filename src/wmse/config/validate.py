@@ -64,6 +64,8 @@ def _validate_optimisation(cfg: Config) -> None:
         raise ValueError(f"batch_size must be >= 2 (BatchNorm needs 2 samples), got {cfg.batch_size}")
     if cfg.lr <= 0:
         raise ValueError(f"field 'lr' must be > 0, got {cfg.lr}")
+    if cfg.lr > 1e36:  # Adam's first step is 10 * lr, applied in float32 (largest value ~3.4e38)
+        raise ValueError(f"field 'lr' must be at most 1e36 (updates are computed in float32), got {cfg.lr}")
     if not 0.0 < cfg.lr_drop_factor <= 1.0:
         raise ValueError(f"field 'lr_drop_factor' must be in (0, 1], got {cfg.lr_drop_factor}")
     if cfg.lr_drop_epochs is not None and any(e < 0 for e in cfg.lr_drop_epochs):
