@@ -138,6 +138,7 @@ def run_wmse(images: np.ndarray, args) -> dict:
     from wmse.data import ImageDataset
     from wmse.distributed import Runtime
     from wmse.splits import RunData
+    from wmse.stopping import StopFlag
 
     device = torch.device(args.device)
     cfg = get_preset("cifar10-wmse2").replace(
@@ -148,9 +149,7 @@ def run_wmse(images: np.ndarray, args) -> dict:
                    None, None, None, None, MEAN, STD, "benchmark")
     torch.manual_seed(0)
     job = train.build_job(cfg, Runtime(device), data, Path(tempfile.mkdtemp()), log=lambda m: None)
-    job.stop = train.StopFlag(announce=False)
-    if job.sync_every > 1:
-        job.flags = train.DeviceFlags(device)
+    job.stop = StopFlag(announce=False)
     state = train.TrainState()
 
     def all_views():

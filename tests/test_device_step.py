@@ -11,7 +11,8 @@ import torch
 from wmse import train
 from wmse.checkpoint import load_checkpoint
 from wmse.errors import TrainingError
-from wmse.methods import METHODS, BYOL
+from wmse.methods import METHODS, ONE_PROCESS, BYOL
+from wmse.seeding import derive_seed
 from wmse.progress import read_metrics
 
 
@@ -41,9 +42,9 @@ def nan_byol():
             m.nan_steps, m.calls = set(cfg.nan_steps), 0
             return m
 
-        def loss(self, views):
+        def loss(self, views, ctx=ONE_PROCESS):
             self.calls += 1
-            loss = super().loss(views)
+            loss = super().loss(views, ctx)
             return loss * float("nan") if self.calls in self.nan_steps else loss
 
     yield
@@ -99,7 +100,7 @@ def test_a_chunk_is_one_augmentation_call_split_by_batch(tiny_folder, tmp_path, 
     job = train.build_job(cfg, train.distributed.setup(cfg), data, tmp_path, lambda m: None)
     views = list(train.epoch_views(job, 0))
     batches = [b for b, _ in job.loader.epoch(0)]
-    gen = torch.Generator().manual_seed(train._chunk_seed(cfg.seed, 0, 0, 0))
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "augment chunk", 0, 0, 0))
     want = job.augment(torch.cat(batches[:2]), 2, generator=gen)
     assert len(views) == 3 and torch.equal(views[1][0], want[0][32:]) and torch.equal(views[0][1], want[1][:32])
     assert [len(v[0]) for v in views] == [32, 32, 32]

@@ -86,7 +86,7 @@ def _loss_worker(rank: int, port: int, out_dir: str) -> None:
         for step in range(2):
             views = [v[rank * n:(rank + 1) * n] for v in global_views(step)]
             method.zero_grad(set_to_none=True)
-            loss = module(views)
+            loss = module(views, distributed.process_context(rt, SEED, step))
             loss.backward()
             steps.append({"loss": loss.detach(), "grads": grads(method)})
         results[case] = steps

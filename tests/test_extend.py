@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from wmse.config import Config, get_preset, validate
-from wmse.methods import METHODS, Method, check_views
+from wmse.methods import METHODS, ONE_PROCESS, Method, check_views
 from wmse.progress import read_metrics
 from wmse.train import pretrain
 
@@ -39,7 +39,7 @@ def toy_method():
             if cfg.toy_scale <= 0:
                 raise ValueError(f"field 'toy_scale' must be > 0, got {cfg.toy_scale}")
 
-        def loss(self, views):
+        def loss(self, views, ctx=ONE_PROCESS):  # ctx: the process and step (unused: nothing gathered or drawn)
             check_views(views)
             z1, z2 = self.embed(views)
             return self.scale * (1 - torch.nn.functional.cosine_similarity(z1, z2).mean())

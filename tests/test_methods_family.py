@@ -103,7 +103,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         module = distributed.wrap(method, cfg, rt)
         n = N // WORLD
         method.zero_grad(set_to_none=True)
-        loss = module([v[rank * n:(rank + 1) * n] for v in views(0)])
+        loss = module([v[rank * n:(rank + 1) * n] for v in views(0)], distributed.process_context(rt, SEED, 0))
         loss.backward()
         results[name] = {"loss": loss.detach(), "grads": {k: p.grad.clone() for k, p in method.named_parameters()}}
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))

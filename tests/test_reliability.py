@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from wmse.checkpoint import load_checkpoint
-from wmse.methods import METHODS, WMSE
+from wmse.methods import METHODS, ONE_PROCESS, WMSE
 from wmse.progress import read_metrics
 from wmse.run_directory import RunDirectory
 
@@ -213,10 +213,10 @@ def nan_method():
         def validate_config(cls, cfg):
             pass
 
-        def loss(self, views):
+        def loss(self, views, ctx=ONE_PROCESS):
             self.snapshots.append({k: v.clone() for k, v in self.state_dict().items()})
             self.calls += 1
-            loss = super().loss(views)
+            loss = super().loss(views, ctx)
             return loss * float("nan") if self.calls in self.nan_steps else loss
 
     yield NanAt

@@ -16,7 +16,8 @@ import torch
 from wmse.checkpoint import load_checkpoint
 from wmse.cli import main
 from wmse.progress import read_metrics
-from wmse.train import StopFlag, pretrain
+from wmse.stopping import StopFlag
+from wmse.train import pretrain
 
 
 def losses(run_dir):
@@ -131,11 +132,11 @@ def test_stop_flag_is_announced_by_the_main_rank_only(capsys):
 
 def test_the_cpu_loop_is_the_plain_sequence_of_steps(tiny_folder, tmp_path, make_config):
     """The training loop on the CPU is exactly: seed, build, then per batch the lr of the schedule, d views
-    from the augmentation stream, the loss, Adam. Written out here without wmse.train, it must give the
+    from the augmentation stream, the loss of the step's context, Adam. Written out here without wmse.train, it must give the
     same losses bit for bit (what the loop's machinery - stages, guards, skips, host reads - may not change)."""
     from wmse.augment import AugmentConfig, Augmenter
     from wmse.data.loader import BatchLoader
-    from wmse.methods import build_method
+    from wmse.methods import ProcessContext, build_method
     from wmse.splits import load_run_data
     from wmse.schedule import lr_factor
 
@@ -153,7 +154,8 @@ def test_the_cpu_loop_is_the_plain_sequence_of_steps(tiny_folder, tmp_path, make
         for images, _ in loader.epoch(epoch):
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, len(loader), cfg.epochs, cfg.warmup_iters, cfg.schedule)
-            loss = method(augment(images, cfg.n_views, generator=gen))
+            # one process at step `step`: the method's random draws (W-MSE's slices) seeded by (seed, step)
+            loss = method(augment(images, cfg.n_views, generator=gen), ProcessContext(step=step, seed=cfg.seed))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

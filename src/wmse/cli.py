@@ -49,13 +49,13 @@ def _resume_config(run: str, overrides: dict[str, str]):
     """The config to resume ``run`` with: the run's own, without the earlier invocation's max_steps and
     max_minutes (stop conditions, not part of the recipe: give them again to set new ones), plus the command
     line's changes."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import read_checkpoint
     from .config import Config
 
     refused = [f"--{k}" for k in overrides if k in _NEW_RUN_ONLY]
     if refused:
         raise UsageError(f"{', '.join(refused)} cannot change on --resume: the run continues in its own directory")
-    return Config.from_dict(load_checkpoint(run)["config"]).replace(max_steps=None, max_minutes=None)
+    return Config.from_dict(read_checkpoint(run).config).replace(max_steps=None, max_minutes=None)
 
 
 def _new_config(preset: str | None, overrides: dict[str, str]):

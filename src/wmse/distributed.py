@@ -2,10 +2,10 @@
 
 A single process (no torchrun, ``WORLD_SIZE`` unset or 1) is a :class:`Runtime` with world_size 1 and every
 helper here is then a no-op. Under torchrun each rank takes a contiguous part of every global batch
-(``BatchLoader(rank=, world_size=)``), and :func:`wrap` returns a DDP module whose ``forward(views)`` is the loss:
-
-each method decides in ``Method.distributed_loss`` what it gathers with the differentiable all-gather of
-this module (:func:`gather_cat`), and nothing here knows any method:
+(``BatchLoader(rank=, world_size=)``), and :func:`wrap` returns a DDP module whose ``forward(views, ctx)`` is the
+method's loss. The loop calls it the same way in one process: ``ctx`` (:func:`process_context`) carries the
+step, the seed and the differentiable all-gather of this module (:func:`gather_cat`, the identity in one
+process); each method decides in ``Method.loss`` what it gathers, and nothing here knows any method:
 
 - W-MSE, default: each rank whitens slices of its own ``batch_size / world_size`` images; DDP averages the
   gradients, i.e. the gradient of the mean of the per-rank losses.
@@ -30,7 +30,7 @@ ResNet-18 gradients); per-rank whitening and BYOL add nothing; every mode all-re
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -43,7 +43,8 @@ from .device import resolve_device
 from .methods import METHODS, Method, ProcessContext
 
 __all__ = [
-    "Runtime", "setup", "wrap", "cleanup", "check_batch", "DistributedLoss", "gather_cat", "agree", "broadcast_object", "gather_objects", "barrier", "set_step",
+    "Runtime", "setup", "wrap", "cleanup", "check_batch", "process_context", "gather_cat", "agree", "broadcast_object",
+    "gather_objects", "barrier",
 ]
 
 # Generous: rank 0 evaluates (kNN, diagnostics) while the other ranks wait in their next collective.
@@ -142,29 +143,11 @@ def gather_cat(x: Tensor, dim: int = 0) -> Tensor:
     return _GatherCat.apply(x, dim)
 
 
-class DistributedLoss(nn.Module):
-    """The module DDP wraps: ``forward(views) -> method.distributed_loss(views, ctx)``.
-
-    Args:
-        method: a :class:`~wmse.methods.Method` (its parameters are this module's, so DDP's hooks see them).
-        seed: base seed of the method's per-step random draws (see :func:`wmse.methods.step_generator`).
-        rank, world_size: this process's place.
-
-    ``step`` counts forward calls; the training loop sets it on resume (:func:`set_step`) so the draws after
-    a restart are the ones an uninterrupted run would have made.
-    """
-
-    def __init__(self, method: Method, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        super().__init__()
-        self.method = method
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.step = 0
-
-    def forward(self, views: Sequence[Tensor]) -> Tensor:
-        """views: d tensors (n, C, S, S), this rank's n = N / W images -> scalar loss."""
-        ctx = ProcessContext(self.rank, self.world_size, self.step, self.seed, gather_cat)
-        self.step += 1
-        return self.method.distributed_loss(views, ctx)
+def process_context(rt: Runtime, seed: int, step: int) -> ProcessContext:
+    """The context of training step ``step`` (0-based: the steps taken before it) on this process: what
+    ``Method.loss`` gathers with, and the seed of its random draws, a function of (seed, step, rank), so a
+    resumed run draws what an uninterrupted one would."""
+    return ProcessContext(rt.rank, rt.world_size, step, seed, gather_cat)
 
 
 def _convert_sync_bn(method: Method) -> None:
@@ -174,7 +157,8 @@ def _convert_sync_bn(method: Method) -> None:
 
 
 def wrap(method: nn.Module, cfg, rt: Runtime) -> Callable:
-    """The callable the loop trains: views -> loss. ``method`` itself in one process, else a DDP module.
+    """The callable the loop trains: ``(views, ctx) -> loss``. ``method`` itself in one process, else a DDP module
+    around it.
 
     The optimizer keeps working on ``method``'s parameters (DDP shares them); checkpoints save ``method``.
     """
@@ -183,16 +167,8 @@ def wrap(method: nn.Module, cfg, rt: Runtime) -> Callable:
     check_batch(cfg, rt.world_size)
     if cfg.sync_bn:
         _convert_sync_bn(method)
-    module = DistributedLoss(method, cfg.seed, rt.rank, rt.world_size)
     device_ids = [rt.device.index] if rt.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
-
-
-def set_step(train_module: Callable, step: int) -> None:
-    """Tell the DDP loss module how many steps were already done (exact slices after resume)."""
-    inner = getattr(train_module, "module", None)
-    if isinstance(inner, DistributedLoss):
-        inner.step = step
+    return nn.parallel.DistributedDataParallel(method, device_ids=device_ids)
 
 
 def agree(loss: Tensor, flags: bool | tuple[bool, ...], rt: Runtime) -> tuple[float, bool | tuple[bool, ...]]:

@@ -44,7 +44,7 @@ def _image_hashes(images: Tensor, labels: Tensor) -> np.ndarray:
 
 def data_fingerprint(sets: list[tuple[Tensor, Tensor]], classes: list[str] | None) -> dict:
     """The fingerprint of the (uint8 images, labels) sets a run uses, for its checkpoint."""
-    hashes = np.concatenate([_image_hashes(images, labels) for images, labels in sets]) if sets else np.empty(0, np.uint64)
+    hashes = np.concatenate([_image_hashes(images, labels) for images, labels in sets] or [np.empty(0, np.uint64)])
     return {"n": int(len(hashes)), "classes": list(classes) if classes else None,
             "items": torch.from_numpy(np.sort(hashes).view(np.int64).copy())}
 
@@ -80,17 +80,18 @@ def run_fingerprint(data) -> dict:
     return data_fingerprint(sets, getattr(data.train, "classes", None))
 
 
-def check_resume_data(ckpt: dict | None, data, allow_change: bool, log) -> dict:
-    """The fingerprint of ``data``; on a resume (``ckpt``), ValueError when it is not the data the checkpoint
-    recorded, unless ``allow_change`` (then a note). A checkpoint of an earlier wmse records none: a note."""
+def check_resume_data(ckpt, data, allow_change: bool, log) -> dict:
+    """The fingerprint of ``data``; on a resume (``ckpt``, a ``checkpoint.Checkpoint``), ValueError when it is not
+    the data the checkpoint recorded, unless ``allow_change`` (then a note). A checkpoint of an earlier wmse
+    records none: a note."""
     fingerprint = run_fingerprint(data)
     if ckpt is None:
         return fingerprint
-    if "data" not in ckpt:
+    if ckpt.data is None:
         log("note: the checkpoint records no data fingerprint (written by an earlier wmse), so the data cannot be "
             "checked against the run's")
         return fingerprint
-    change = fingerprint_change(ckpt["data"], fingerprint)
+    change = fingerprint_change(ckpt.data, fingerprint)
     if change and not allow_change:
         raise ValueError(f"the data differ from the data this run trained on: {change}; resuming would train on "
                          "other data (and may score images it trained on). Point --data_dir at the run's data, or "

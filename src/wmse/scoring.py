@@ -16,8 +16,8 @@ from .evaluate import extract_features, knn_accuracy, linear_probe
 from .methods import Method
 from .splits import RunData
 
-__all__ = ["make_eval_transform", "check_eval_fits", "encode", "subsample", "knn_monitor", "diagnostics_record", "final_evaluation",
-           "format_final"]
+__all__ = ["make_eval_transform", "encode", "subsample", "knn_monitor", "diagnostics_record", "final_evaluation",
+           "format_final", "check_eval_fits"]
 
 
 def make_eval_transform(cfg: Config, mean, std, device: torch.device, channels_last: bool) -> Callable[[Tensor], Tensor]:

@@ -2,8 +2,11 @@
 periodic kNN, checkpoints, exact resume and clean interruption.
 
 Read it top to bottom: :func:`pretrain` is the whole job in stages; :func:`train_one_epoch` and
-:func:`train_step` are one epoch and one step of it; the state that changes from step to step is one
-:class:`TrainState`, everything built once is one :class:`Job`.
+:func:`train_step` are one epoch and one step of it, :func:`end_of_epoch` and :func:`finish` what follows
+them; the state that changes from step to step is one :class:`TrainState`, everything built once is one
+:class:`Job`. The loop's other jobs live in their own modules: signals and the deadline in
+:mod:`wmse.stopping`, skipped non-finite steps in :mod:`wmse.nonfinite`, the checkpoint file in
+:mod:`wmse.checkpoint`, seeds in :mod:`wmse.seeding`.
 """
 
 from __future__ import annotations
@@ -11,128 +14,40 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import math
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import distributed
 from .augment import AugmentConfig, Augmenter
-from .checkpoint import load_checkpoint, rank_rng_state, rng_state, save_atomic, set_rng_state
+from .checkpoint import Checkpoint, read_checkpoint, restore, rng_state, write_checkpoint
 from .config import PRESETS, Config, validate
 from .data.loader import BatchLoader
 from .device import cpu_has_native_bf16
 from .errors import RunStopped, TrainingError
 from .fileio import write_text_atomic
 from .fingerprint import check_resume_data
-from .methods import METHODS, Method, build_method
+from .methods import Method, build_method
+from .nonfinite import StepGuard, kept_checkpoint, state_is_finite, step_guard
 from .optim import build_optimizer
 from .progress import MetricsLog, Progress
-from .splits import RunData, load_run_data
-from .scoring import (check_eval_fits, diagnostics_record, final_evaluation, format_final, knn_monitor,
-                      make_eval_transform)
 from .run_directory import RunDirectory
 from .schedule import lr_factor
+from .scoring import (check_eval_fits, diagnostics_record, final_evaluation, format_final, knn_monitor,
+                      make_eval_transform)
+from .seeding import derive_seed
+from .splits import RunData, load_run_data
+from .stopping import StopFlag
 from .whitening import fallback_count
 
-__all__ = ["pretrain", "build_job", "epoch_views", "train_one_epoch", "train_step", "TrainState", "Job", "StopFlag"]
-
-
-class StopFlag:
-    """SIGINT / SIGTERM set a flag; the loop saves a checkpoint at the next step boundary and returns.
-    ``max_minutes`` (optional) is a deadline checked the same way.
-
-    ``announce``: print the one-line notice (torchrun sends the signal to every rank; only the
-    main rank says so).
-    """
-
-    def __init__(self, announce: bool = True, max_minutes: float | None = None) -> None:
-        self.signal: int | None = None
-        self.announce = announce
-        self.deadline = time.monotonic() + 60 * max_minutes if max_minutes else None
-
-    def raised(self) -> tuple[bool, bool]:
-        """(a signal arrived, the deadline has passed): the flags every rank agrees on."""
-        return self.signal is not None, self.deadline is not None and time.monotonic() >= self.deadline
-
-    def __call__(self, signum, frame) -> None:
-        if self.signal is not None:  # second Ctrl-C: give up immediately
-            raise KeyboardInterrupt
-        self.signal = signum
-        if self.announce:
-            print(f"\nsignal {signal.Signals(signum).name}: saving a checkpoint and stopping after this step",
-                  file=sys.stderr)
-
-    @contextmanager
-    def installed(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-
-
-class BufferGuard:
-    """Copies of the state a step changes besides what the optimizer updates, taken before the forward pass
-    and put back when the step is skipped, so a skipped non-finite step leaves the model exactly as it was:
-    the buffers (BatchNorm running statistics) and, when the step is skipped on the device after
-    ``on_step`` ran (``frozen``), the parameters the optimizer does not own (BYOL's target)."""
-
-    def __init__(self, method: Method, frozen: bool = False) -> None:
-        self.tensors = list(method.buffers())
-        if frozen:
-            self.tensors += [p.data for p in method.parameters() if not p.requires_grad]
-        self.saved = [torch.empty_like(t) for t in self.tensors]
-
-    def save(self) -> None:
-        for saved, t in zip(self.saved, self.tensors):
-            saved.copy_(t)
-
-    def restore(self) -> None:
-        for saved, t in zip(self.saved, self.tensors):
-            t.copy_(saved)
-
-    def restore_unless(self, ok: torch.Tensor) -> None:
-        """Put the saved values back where the device flag ``ok`` is False (no host read)."""
-        for saved, t in zip(self.saved, self.tensors):
-            torch.where(ok, t, saved, out=t)
-
-
-class DeviceFlags:
-    """The non-finite bookkeeping of steps skipped on the device, read by the host every ``sync_every`` steps.
-
-    ``run``: consecutive non-finite steps; ``total``: all of them; ``hit``: the step (1-based count) at
-    which ``run`` reached the limit, -1 before. From that step on every step is skipped, so the model the
-    host finds when it reads ``hit`` is the model of that step: the abort is exact.
-    """
-
-    def __init__(self, device: torch.device, total: int = 0) -> None:
-        zero = torch.zeros((), dtype=torch.int64, device=device)
-        self.run, self.total, self.hit = zero.clone(), zero + total, zero - 1
-        self.loss = torch.zeros((), dtype=torch.float32, device=device)
-
-    def step_ok(self, loss: torch.Tensor) -> torch.Tensor:
-        """Whether this step may update: a finite loss and the limit not reached before (device bool)."""
-        self.loss = loss.detach().float()
-        return torch.isfinite(self.loss) & (self.hit < 0)
-
-    def update(self, ok: torch.Tensor, step: int, limit: int) -> None:
-        bad = (~ok).long()
-        self.run = (self.run + 1) * bad
-        self.total = self.total + bad
-        self.hit = torch.where((self.hit < 0) & (self.run >= limit), step, self.hit)
+__all__ = ["pretrain", "build_job", "epoch_views", "train_one_epoch", "train_step", "end_of_epoch", "finish",
+           "TrainState", "Job"]
 
 
 @dataclass
@@ -165,7 +80,7 @@ class Job:
     log: Callable[[str], None]
     data: RunData
     method: Method
-    train_module: Callable  # views -> loss: the method itself, or its DDP wrapper
+    train_module: Callable  # (views, ctx) -> loss: the method itself, or its DDP wrapper
     optimizer: torch.optim.Optimizer
     augment: Augmenter
     aug_gen: torch.Generator
@@ -173,9 +88,8 @@ class Job:
     transform: Callable  # the evaluation transform
     run_dir: Path
     initial_state: dict | None  # the random-init weights, for the final comparison
-    buffers: BufferGuard
     sync_every: int  # steps between host reads of the loss (1: every step, the update skipped on the host)
-    flags: DeviceFlags | None = None  # sync_every > 1: the non-finite bookkeeping on the device
+    guard: StepGuard  # skips non-finite steps, on the host or on the device (wmse.nonfinite)
     metrics: MetricsLog | None = None  # main rank only
     progress: Progress | None = None
     stop: StopFlag | None = None
@@ -217,7 +131,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None, allow_data
         torch.manual_seed(cfg.seed)
 
         # ============ the run directory (locked), and the checkpoint to continue from ============
-        ckpt = load_checkpoint(resume) if resume else None
+        ckpt = read_checkpoint(resume) if resume else None
         run = _open_run_directory(cfg, resume, rt)
 
         # ============ data, method, optimizer, augmentation, batches ============
@@ -227,12 +141,10 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None, allow_data
         if cfg.image_size is None:  # the images' own side (an image folder without a preset)
             cfg = cfg.replace(image_size=min(data.train.images.shape[2:]))
         check_eval_fits(cfg, data)  # a crop that cannot fit fails now, not at the first evaluation
-        fingerprint = check_resume_data(ckpt, data, allow_data_change, log)
+        fingerprint = check_resume_data(ckpt, data, allow_data_change, log)  # on a resume: the same data?
         job = build_job(cfg, rt, data, run.path, log)
         job.fingerprint = fingerprint
         state = _restore(job, ckpt, resume) if ckpt is not None else TrainState()
-        if job.sync_every > 1:
-            job.flags = DeviceFlags(job.device, state.nonfinite_total)
         if state.epoch >= cfg.epochs:
             failed = False
             if rt.is_main and _final_eval_missing(job):
@@ -263,7 +175,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None, allow_data
                     break  # stopped by a signal or max_steps: the checkpoint is written
                 end_of_epoch(job, state, time.perf_counter() - t_epoch)
         failed = False
-        _finish(job, state)
+        finish(job, state)
         return run.path
     finally:
         if job is not None:
@@ -320,7 +232,7 @@ def build_job(cfg: Config, rt: distributed.Runtime, data: RunData, run_dir: Path
                          rank=rt.rank, world_size=rt.world_size)
     transform = make_eval_transform(cfg, data.mean, data.std, device, cfg.channels_last)
     return Job(cfg, rt, log, data, method, train_module, optimizer, augment, aug_gen, loader, transform, run_dir,
-               initial_state, BufferGuard(method, frozen=sync_every > 1), sync_every)
+               initial_state, sync_every, step_guard(method, device, sync_every))
 
 
 def augment_config(cfg: Config) -> AugmentConfig:
@@ -332,22 +244,18 @@ def augment_config(cfg: Config) -> AugmentConfig:
     )
 
 
-def _restore(job: Job, ckpt: dict, resume) -> TrainState:
+def _restore(job: Job, ckpt: Checkpoint, resume) -> TrainState:
     """Weights, optimizer, random states and position from a checkpoint (exact resume)."""
     rt = job.rt
-    job.method.load_state_dict(ckpt["method"])
-    job.optimizer.load_state_dict(ckpt["optimizer"])
-    written_by = len(ckpt.get("rng_ranks", [None]))
-    if written_by != rt.world_size:
-        job.log(f"note: the checkpoint was written by {written_by} process(es), this run has {rt.world_size}: "
+    if ckpt.world_size != rt.world_size:
+        job.log(f"note: the checkpoint was written by {ckpt.world_size} process(es), this run has {rt.world_size}: "
                 "batches are the same, augmentations after the resume differ from an uninterrupted run")
-    set_rng_state(rank_rng_state(ckpt, rt.rank, job.aug_gen), job.aug_gen)
-    distributed.set_step(job.train_module, ckpt["step"])
-    if job.initial_state is not None and "initial_method" in ckpt:
-        job.initial_state = ckpt["initial_method"]
-    state = TrainState(epoch=ckpt["epoch"], batch=ckpt["batch"], step=ckpt["step"],
-                       nonfinite_total=ckpt.get("nonfinite_total", 0), checkpoint_step=ckpt["step"],
-                       seconds_before=ckpt.get("train_seconds", 0.0))
+    restore(ckpt, job.method, job.optimizer, job.aug_gen, rt.rank)
+    if job.initial_state is not None and ckpt.initial_method is not None:
+        job.initial_state = ckpt.initial_method
+    job.guard.continue_from(ckpt.nonfinite_total)
+    state = TrainState(epoch=ckpt.epoch, batch=ckpt.batch, step=ckpt.step, nonfinite_total=ckpt.nonfinite_total,
+                       checkpoint_step=ckpt.step, seconds_before=ckpt.train_seconds)
     job.log(f"resumed from {resume} at epoch {state.epoch + 1}, step {state.step}")
     return state
 
@@ -389,8 +297,8 @@ def epoch_views(job: Job, epoch: int, first: int = 0) -> Iterator[list[torch.Ten
 
     ``augment_batches`` 1: each batch is augmented just before its step with the run's augmentation stream
     (``job.aug_gen``, saved in checkpoints). K > 1: K batches are augmented in one call (fewer, larger
-    kernels on a GPU) with a generator seeded by (seed, rank, epoch, chunk), so a resume inside a chunk
-    re-augments it identically without saving any random state.
+    kernels on a GPU) with a generator seeded by (seed, "augment chunk", rank, epoch, chunk), so a resume
+    inside a chunk re-augments it identically without saving any random state.
     """
     cfg, k = job.cfg, job.cfg.augment_batches
     if k == 1:
@@ -401,7 +309,8 @@ def epoch_views(job: Job, epoch: int, first: int = 0) -> Iterator[list[torch.Ten
     batches = job.loader.epoch(epoch, start=start)
     for chunk in range(start // k, -(-job.steps_per_epoch // k)):
         images = [b for b, _ in itertools.islice(batches, k)]
-        gen = torch.Generator(device=job.device).manual_seed(_chunk_seed(cfg.seed, job.rt.rank, epoch, chunk))
+        seed = derive_seed(cfg.seed, "augment chunk", job.rt.rank, epoch, chunk)
+        gen = torch.Generator(device=job.device).manual_seed(seed)
         views = job.augment(torch.cat(images), cfg.n_views, generator=gen)
         parts = [v.split([len(b) for b in images]) for v in views]
         for i in range(len(images)):
@@ -409,97 +318,50 @@ def epoch_views(job: Job, epoch: int, first: int = 0) -> Iterator[list[torch.Ten
                 yield [p[i] for p in parts]
 
 
-def _chunk_seed(seed: int, rank: int, epoch: int, chunk: int) -> int:
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, rank, epoch, chunk]).generate_state(2, np.uint64)
-    return int(state[0] >> np.uint64(1))
-
-
 def train_step(job: Job, state: TrainState, views: list[torch.Tensor]) -> tuple[bool, bool]:
     """One optimizer step on the d augmented views of a batch; returns the agreed stop flags (a process was
     signalled, the max_minutes deadline passed), all False between host reads.
 
     A non-finite loss skips the step: no update, and the buffers (BatchNorm statistics) the forward pass
-    moved are put back. ``cfg.nonfinite_limit`` skipped steps in a row abort the run. With
-    ``job.sync_every`` 1 the host reads the loss every step and skips there; otherwise the skip happens on
-    the device (fused Adam's ``found_inf``) and the host reads the flags every ``sync_every`` steps
-    (:func:`_device_update`), with the same result.
+    moved are put back; ``cfg.nonfinite_limit`` skipped steps in a row abort the run. ``job.guard`` decides
+    where: on the host, which reads the loss every step (``sync_every`` 1), or on the device, read every
+    ``sync_every`` steps, with the same result (:mod:`wmse.nonfinite`).
     """
-    cfg, optimizer = job.cfg, job.optimizer
+    cfg, optimizer, guard = job.cfg, job.optimizer, job.guard
     t0 = time.perf_counter()
     lr = cfg.lr * lr_factor(state.step, job.steps_per_epoch, cfg.epochs, cfg.warmup_iters, cfg.schedule,
                             cfg.lr_drop_epochs, cfg.lr_drop_factor, cfg.lr_end_factor)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = _forward(job, views)
-    if job.sync_every > 1:
-        return _device_update(job, state, loss, lr)
-    # the one host read per step (finiteness needs it); under DDP the mean over ranks, and every rank
-    # learns whether any rank was signalled, so all take the same branch below
-    loss_value, stopping = distributed.agree(loss, job.stop.raised(), job.rt)
+    guard.buffers.save()
+    loss = _forward(job, views, state.step)
+    ok = guard.admit(job, loss)
     optimizer.zero_grad(set_to_none=True)
-    finite = math.isfinite(loss_value)
-    if finite:
+    if ok is not False:  # False: skipped on the host; True, or a device flag that gates the optimizer
         loss.backward()
+        guard.gate(optimizer, ok)
         optimizer.step()
         job.method.on_step(state.step + 1, job.total_steps)
-        finite = bool(_finite_flag(job.method))  # a finite loss whose update overflowed the weights
-    else:
-        job.buffers.restore()
-    if finite:
-        state.nonfinite_run = 0
-    else:
-        state.nonfinite_run += 1
-        state.nonfinite_total += 1
-        if state.nonfinite_run >= cfg.nonfinite_limit:
-            raise TrainingError(_divergence_message(job, state, state.step + 1))
+    guard.settle(job, state, ok)
     state.step += 1
-    _log_step(job, state, loss_value, lr, cfg.batch_size / (time.perf_counter() - t0))
-    return stopping
-
-
-def _forward(job: Job, views: list[torch.Tensor]) -> torch.Tensor:
-    """The views through the method: the step's loss (buffers saved first)."""
-    cfg = job.cfg
-    if cfg.channels_last:
-        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-    job.buffers.save()
-    with torch.autocast(job.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        return job.train_module(views)
-
-
-def _device_update(job: Job, state: TrainState, loss: torch.Tensor, lr: float) -> tuple[bool, bool]:
-    """The update of a step whose skip is decided on the device; the host reads every ``sync_every`` steps."""
-    cfg, optimizer, flags = job.cfg, job.optimizer, job.flags
-    ok = flags.step_ok(distributed.mean_over_ranks(loss, job.rt))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.found_inf = (~ok).float()  # fused Adam leaves parameters, moments and step count as they were
-    optimizer.step()
-    job.method.on_step(state.step + 1, job.total_steps)
-    ok = ok & _finite_flag(job.method)  # a finite loss whose update overflowed the weights: non-finite too
-    job.buffers.restore_unless(ok)
-    flags.update(ok, state.step + 1, cfg.nonfinite_limit)
-    state.step += 1
-    if state.step % job.sync_every and state.step % cfg.log_every and state.step != job.total_steps:
+    reading = guard.read(job, state, t0)
+    if reading is None:
         return False, False
-    loss_value, stopping = sync_flags(job, state)
-    img_s = cfg.batch_size * job.sync_every / (time.perf_counter() - state.window_start)
-    state.window_start = time.perf_counter()
+    loss_value, stopping, img_s = reading
     _log_step(job, state, loss_value, lr, img_s)
     return stopping
 
 
-def sync_flags(job: Job, state: TrainState) -> tuple[float, tuple[bool, bool]]:
-    """Read the device's non-finite flags into ``state`` (abort if the limit was reached) and agree on a stop.
-    Returns the last loss and the agreed stop flags (signal, deadline)."""
-    flags = job.flags
-    loss_value, stopping = distributed.agree(flags.loss, job.stop.raised(), job.rt)
-    run, total, hit = (int(t) for t in torch.stack([flags.run, flags.total, flags.hit]).tolist())
-    state.nonfinite_run, state.nonfinite_total = run, total
-    if hit >= 0:  # every step since was skipped: the model is the model of that step
-        state.nonfinite_run = job.cfg.nonfinite_limit
-        raise TrainingError(_divergence_message(job, state, hit))
-    return loss_value, stopping
+def _forward(job: Job, views: list[torch.Tensor], step: int) -> torch.Tensor:
+    """The views through the method: the loss of step ``step``. One call whether there is one process or
+    several: the context carries the all-gather (the identity in one process) and the step's seed, from which
+    the method draws its random choices (exact after a resume)."""
+    cfg = job.cfg
+    if cfg.channels_last:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    ctx = distributed.process_context(job.rt, cfg.seed, step)
+    with torch.autocast(job.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        return job.train_module(views, ctx)
 
 
 def _log_step(job: Job, state: TrainState, loss_value: float, lr: float, img_s: float) -> None:
@@ -510,66 +372,6 @@ def _log_step(job: Job, state: TrainState, loss_value: float, lr: float, img_s: 
     if state.step % cfg.log_every == 0 or state.step == job.total_steps:
         job.metrics.write("train", state.step, epoch=state.epoch, loss=loss_value, lr=lr, img_per_s=img_s,
                           nonfinite_skipped=state.nonfinite_total)
-
-
-def _divergence_message(job: Job, state: TrainState, step: int) -> str:
-    """Why the run aborts at ``step`` (counted from 1, as in metrics.jsonl), the causes that apply to this
-    config, and what was kept."""
-    cfg = job.cfg
-    causes = [f"a learning rate too high for this run (lr={cfg.lr}; try a smaller --lr or a longer --warmup_iters)"]
-    causes += METHODS[cfg.method].nonfinite_hints(cfg)
-    if cfg.precision == "bf16":
-        causes.append("bf16 rounding (try --precision fp32)")
-    return (f"loss was non-finite for {state.nonfinite_run} steps in a row (step {step}); {_kept(job, state)}. "
-            f"Likely causes: {'; '.join(causes)}")
-
-
-def _finite_flag(method: Method) -> torch.Tensor:
-    """Whether every float parameter and buffer is finite, as one device bool (one host read if read)."""
-    return torch.stack([torch.isfinite(t).all() for t in (*method.parameters(), *method.buffers())
-                        if t.is_floating_point()]).all()
-
-
-def _kept(job: Job, state: TrainState) -> str:
-    """Which checkpoint exists: the last finite one, or none."""
-    if state.checkpoint_step is None:
-        return "no checkpoint was written"
-    return f"the last finite checkpoint (step {state.checkpoint_step}) is kept in {job.run_dir / 'checkpoints'}"
-
-
-def _state_is_finite(method: Method) -> bool:
-    return bool(_finite_flag(method))
-
-
-def save_checkpoint(job: Job, state: TrainState) -> None:
-    """RUN/checkpoints/last.pt at ``state``'s position (every rank takes part: rank 0 writes every rank's
-    random state). Not written while the last losses are non-finite or the weights are not: the previous
-    checkpoint, a finite state, stays."""
-    rt = job.rt
-    if job.flags is not None:
-        sync_flags(job, state)  # the device's non-finite count decides whether the state may be saved
-    finite = state.nonfinite_run == 0 and _state_is_finite(job.method)
-    gathered = distributed.gather_objects((rng_state(job.aug_gen), finite), rt)
-    rng_ranks = [g[0] for g in gathered]
-    if not all(g[1] for g in gathered):
-        job.log(f"checkpoint not written at step {state.step}: the model is not finite or its last "
-                f"{state.nonfinite_run} losses were not; {_kept(job, state)}")
-        return
-    if rt.is_main:
-        ckpt = {
-            "method": job.method.state_dict(), "backbone": job.method.backbone.state_dict(),
-            "optimizer": job.optimizer.state_dict(), "epoch": state.epoch, "batch": state.batch, "step": state.step,
-            "rng": rng_ranks[0], "rng_ranks": rng_ranks, "world_size": rt.world_size,
-            "config": job.cfg.to_dict(), "nonfinite_total": state.nonfinite_total,
-            "train_seconds": state.train_seconds(),
-            "mean": list(job.data.mean), "std": list(job.data.std),  # so evaluation normalises exactly as training
-            "data": job.fingerprint,  # which data: --resume on other data is refused
-        }
-        if job.initial_state is not None:
-            ckpt["initial_method"] = job.initial_state
-        save_atomic(ckpt, job.run_dir / "checkpoints" / "last.pt")
-    distributed.barrier(rt)  # the other ranks wait until rank 0 has written it
-    state.checkpoint_step = state.step
 
 
 def end_of_epoch(job: Job, state: TrainState, seconds: float) -> None:
@@ -586,6 +388,29 @@ def end_of_epoch(job: Job, state: TrainState, seconds: float) -> None:
         _evaluate_epoch(job, state, seconds)
 
 
+def save_checkpoint(job: Job, state: TrainState) -> None:
+    """RUN/checkpoints/last.pt at ``state``'s position (every rank takes part: rank 0 writes every rank's
+    random state). Not written while the last losses are non-finite or the weights are not: the previous
+    checkpoint, a finite state, stays."""
+    rt = job.rt
+    job.guard.sync(job, state)  # the device's non-finite count decides whether the state may be saved
+    finite = state.nonfinite_run == 0 and state_is_finite(job.method)
+    gathered = distributed.gather_objects((rng_state(job.aug_gen), finite), rt)
+    if not all(ok for _, ok in gathered):
+        job.log(f"checkpoint not written at step {state.step}: the model is not finite or its last "
+                f"{state.nonfinite_run} losses were not; {kept_checkpoint(job, state)}")
+        return
+    if rt.is_main:
+        write_checkpoint(Checkpoint(
+            config=job.cfg.to_dict(), method=job.method.state_dict(), backbone=job.method.backbone.state_dict(),
+            optimizer=job.optimizer.state_dict(), epoch=state.epoch, batch=state.batch, step=state.step,
+            rng_ranks=[rng for rng, _ in gathered], nonfinite_total=state.nonfinite_total,
+            train_seconds=state.train_seconds(), mean=tuple(job.data.mean), std=tuple(job.data.std),
+            initial_method=job.initial_state, data=job.fingerprint), job.run_dir / "checkpoints" / "last.pt")
+    distributed.barrier(rt)  # the other ranks wait until rank 0 has written it
+    state.checkpoint_step = state.step
+
+
 def _evaluate_epoch(job: Job, state: TrainState, seconds: float) -> None:
     result = knn_monitor(job.method, job.data, job.cfg, job.device, job.transform)
     diag = diagnostics_record(job.method, job.data, job.cfg, job.device, job.transform)
@@ -599,7 +424,7 @@ def _evaluate_epoch(job: Job, state: TrainState, seconds: float) -> None:
             f"(eff. rank features {diag.get('feature_eff_rank', float('nan')):.1f}) [{seconds:.0f}s/epoch]")
 
 
-def _finish(job: Job, state: TrainState) -> None:
+def finish(job: Job, state: TrainState) -> None:
     """After the loop: the whitening note, the resume hint of a stopped run, or the final evaluation."""
     rt, cfg, log = job.rt, job.cfg, job.log
     if job.progress is not None:
@@ -611,7 +436,7 @@ def _finish(job: Job, state: TrainState) -> None:
     if state.checkpoint_step != state.step:  # the last save was refused: the model or its last losses diverged
         raise TrainingError(f"the run ended at step {state.step} with a non-finite model or loss "
                             f"({state.nonfinite_total} non-finite steps skipped), so that state is not saved; "
-                            f"{_kept(job, state)}. Try a smaller --lr or a longer --warmup_iters")
+                            f"{kept_checkpoint(job, state)}. Try a smaller --lr or a longer --warmup_iters")
     if state.stop_reason == "signal":
         raise RunStopped(job.run_dir, state.step, signal.Signals(job.stop.signal).name)
     if state.stop_reason is not None:

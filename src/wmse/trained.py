@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, resolve_checkpoint
+from .checkpoint import read_checkpoint, resolve_checkpoint, restore
 from .config import Config
 from .data import load
 from .evaluate import evaluate_features, format_table
@@ -50,15 +50,13 @@ def _in_channels(backbone_state: dict) -> int:
 def load_run(run_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> TrainedRun:
     """Rebuild the trained method of a run directory or checkpoint file (eval mode, on ``device``)."""
     path = resolve_checkpoint(run_or_checkpoint)
-    ckpt = load_checkpoint(path)
-    cfg = Config.from_dict(ckpt["config"])
-    in_channels = _in_channels(ckpt["backbone"])
+    ckpt = read_checkpoint(path)
+    cfg = Config.from_dict(ckpt.config)
+    in_channels = _in_channels(ckpt.backbone)
     method = build_method(cfg, in_channels)
-    method.load_state_dict(ckpt["method"])
+    restore(ckpt, method)
     method.to(device).eval()
-    mean, std = ckpt.get("mean"), ckpt.get("std")
-    return TrainedRun(method, cfg, path, path.parent.parent, in_channels, int(ckpt["epoch"]),
-                      tuple(mean) if mean else None, tuple(std) if std else None)
+    return TrainedRun(method, cfg, path, path.parent.parent, in_channels, ckpt.epoch, ckpt.mean, ckpt.std)
 
 
 def _stats(run: TrainedRun, images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

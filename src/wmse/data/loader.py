@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from ..seeding import derive_seed
 
 __all__ = ["BatchLoader"]
 
@@ -72,9 +73,7 @@ class BatchLoader:
         n = self.images.shape[0]
         if not self.shuffle:
             return torch.arange(n)
-        # SeedSequence mixes (seed, epoch) so nearby seeds/epochs give unrelated permutations.
-        state = np.random.SeedSequence([int(self.seed) & 0xFFFFFFFF, int(epoch)]).generate_state(2, np.uint64)
-        gen = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
         return torch.randperm(n, generator=gen)
 
     def _rank_slice(self, idx: Tensor) -> Tensor:

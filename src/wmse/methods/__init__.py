@@ -7,7 +7,7 @@ changes: the config, the CLI, the training loop and multi-process training read 
 
 from typing import TYPE_CHECKING
 
-from .base import METHODS, Method, ProcessContext, check_views, step_generator, view_pairs
+from .base import METHODS, ONE_PROCESS, Method, ProcessContext, check_views, step_generator, view_pairs
 
 # Imported in the order users see the methods listed (the registry keeps registration order).
 from .wmse import WMSE  # isort: skip
@@ -22,7 +22,7 @@ from .barlow_twins import BarlowTwins  # isort: skip
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["METHODS", "Method", "ProcessContext", "WMSE", "Contrastive", "BYOL", "CWRGP", "INTL", "ShuffledDBN",
+__all__ = ["METHODS", "Method", "ProcessContext", "ONE_PROCESS", "WMSE", "Contrastive", "BYOL", "CWRGP", "INTL", "ShuffledDBN",
            "VICReg", "BarlowTwins", "build_method", "byol_tau", "check_views", "mean_over_pairs", "step_generator",
            "view_pairs"]
 

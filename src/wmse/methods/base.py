@@ -1,9 +1,9 @@
 """The Method base class and the METHODS registry.
 
 A method owns an encoder (``backbone``) and a projection head (``head``) and turns a list of augmented
-views into a scalar loss. The training loop calls, per step::
+views into a scalar loss. The training loop calls, per step, in one process or under DDP alike::
 
-    loss = method.loss(views)          # views: d tensors (N, C, S, S), one per view
+    loss = method.loss(views, ctx)     # views: d tensors (N, C, S, S), one per view; ctx: the step's ProcessContext
     loss.backward(); optimizer.step()  # optimizer over method.trainable_parameters()
     method.on_step(step, total_steps)  # BYOL: EMA update of its target network
 
@@ -12,8 +12,8 @@ and evaluation calls ``method.features(images)`` (backbone output, no head) on f
 A method is one class in one module, registered by name (``@METHODS.register("name")``). It declares
 its own config fields in a nested ``Options`` dataclass (they become ``--field`` on the command line and
 ``cfg.field`` in code), checks them in :meth:`Method.validate_config`, builds itself from a config in
-:meth:`Method.from_config`, and owns its multi-process behaviour: :meth:`Method.distributed_loss` (what it
-gathers across processes), :meth:`Method.check_processes` (how a batch may be split) and
+:meth:`Method.from_config`, and owns its multi-process behaviour: what its :meth:`Method.loss` gathers with
+``ctx.gather`` (the identity in one process), :meth:`Method.check_processes` (how a batch may be split) and
 ``sync_bn_modules`` (which submodules SyncBatchNorm converts).
 
 All views go through the networks as one concatenated batch of K = N*d images. The official code runs
@@ -33,11 +33,12 @@ from torch import Tensor, nn
 
 from ..models import ProjectionHead
 from ..registry import Registry
+from ..seeding import step_generator
 
 if TYPE_CHECKING:  # methods never import the config at runtime: the config reads them
     from ..config import Config
 
-__all__ = ["Method", "EmbeddingMethod", "METHODS", "ProcessContext", "step_generator", "view_pairs", "check_views", "mean_over_pairs"]
+__all__ = ["Method", "EmbeddingMethod", "METHODS", "ProcessContext", "ONE_PROCESS", "step_generator", "view_pairs", "check_views", "mean_over_pairs"]
 
 
 def view_pairs(d: int) -> list[tuple[int, int]]:
@@ -69,34 +70,37 @@ def check_views(views: Sequence[Tensor], n_views: int | None = None) -> None:
             )
 
 
-def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
-    """CPU generator for a method's random choices at ``step`` (W-MSE's slices): a function of
-    (seed, step, rank) only, independent of the global RNG (which rank 0's evaluation consumes).
-
-    Pass rank 0 on every rank for a draw all ranks share, the real rank for a per-rank draw.
-    """
-    mixed = (int(seed) * 1_000_003 + int(step) * 7_919 + int(rank) * 104_729) % (2**63 - 1)
-    return torch.Generator().manual_seed(mixed)
+def _no_gather(x: Tensor, dim: int) -> Tensor:
+    return x
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProcessContext:
-    """Where a loss is computed under multi-process training (given to :meth:`Method.distributed_loss`).
+    """Where and when a loss is computed: the second argument of :meth:`Method.loss`.
 
     ``gather(x, dim)``: differentiable all-gather, every rank's ``x`` concatenated along ``dim`` in rank
-    order; its backward sums the gradients of all ranks, so a loss whose mean over ranks is the global
-    loss gets the single-process gradient on the whole batch (see wmse.distributed).
+    order (the identity in one process); its backward sums the gradients of all ranks, so a loss whose mean
+    over ranks is the global loss gets the single-process gradient on the whole batch (see wmse.distributed).
+    ``step``: the training step, which seeds the method's random draws (:meth:`generator`); None (a call
+    outside the training loop, :data:`ONE_PROCESS`) draws from the global RNG.
     """
 
-    rank: int
-    world_size: int
-    step: int
-    seed: int
-    gather: Callable[[Tensor, int], Tensor]
+    rank: int = 0
+    world_size: int = 1
+    step: int | None = None
+    seed: int = 0
+    gather: Callable[[Tensor, int], Tensor] = _no_gather
 
-    def generator(self, shared: bool) -> torch.Generator:
-        """The step's generator: the same on every rank (``shared``) or this rank's own."""
-        return step_generator(self.seed, self.step, 0 if shared else self.rank)
+    def generator(self, shared: bool, device: torch.device | str = "cpu") -> torch.Generator | None:
+        """The step's generator on ``device``: the same on every rank (``shared``) or this rank's own; None
+        outside the training loop (the global RNG)."""
+        if self.step is None:
+            return None
+        return step_generator(self.seed, self.step, 0 if shared else self.rank, device)
+
+
+ONE_PROCESS = ProcessContext()
+"""One process, no training step: what :meth:`Method.loss` assumes when called without a context."""
 
 
 class Method(nn.Module):
@@ -155,8 +159,11 @@ class Method(nn.Module):
         """
         return list(self.head(self.backbone(torch.cat(list(views)))).chunk(len(views)))
 
-    def loss(self, views: Sequence[Tensor]) -> Tensor:
-        """Scalar loss of d augmented views, each (N, C, S, S) float, of the same N images."""
+    def loss(self, views: Sequence[Tensor], ctx: ProcessContext = ONE_PROCESS) -> Tensor:
+        """Scalar loss of d augmented views, each (N, C, S, S) float, of the same N images: this process's
+        share of the batch, gathering across processes with ``ctx.gather`` what the loss couples (whitening,
+        negatives); random draws from ``ctx.generator``. A loss that is a mean over images gathers nothing:
+        DDP's gradient average then equals the global-batch gradient."""
         raise NotImplementedError
 
     def gathered_embeddings(self, views: Sequence[Tensor], ctx: ProcessContext) -> Tensor:
@@ -164,18 +171,9 @@ class Method(nn.Module):
         gradients flow back to each process's own part (for losses computed on the global batch)."""
         return ctx.gather(torch.stack(self.embed(views)), 1)
 
-    def distributed_loss(self, views: Sequence[Tensor], ctx: ProcessContext) -> Tensor:
-        """The loss of this process's share of the batch under DDP.
-
-        Default: :meth:`loss` of the local views, right for a loss that is a mean over images (DDP's
-        gradient average then equals the global-batch gradient). A loss that couples images (whitening,
-        negatives) overrides this and gathers what it needs with ``ctx.gather``.
-        """
-        return self.loss(views)
-
-    def forward(self, views: Sequence[Tensor]) -> Tensor:
+    def forward(self, views: Sequence[Tensor], ctx: ProcessContext = ONE_PROCESS) -> Tensor:
         """Same as :meth:`loss` (so DDP wrappers see the computation in ``forward``)."""
-        return self.loss(views)
+        return self.loss(views, ctx)
 
     def features(self, images: Tensor, head: bool = False) -> Tensor:
         """Representation for evaluation: (B, C, S, S) -> (B, out_dim), or (B, emb) with ``head=True``.
@@ -211,15 +209,13 @@ class EmbeddingMethod(Method):
         ``generator`` draws the method's random choices (None: the global RNG)."""
         raise NotImplementedError
 
-    def loss(self, views: Sequence[Tensor]) -> Tensor:
-        check_views(views, getattr(self, "n_views", None))
-        return self.embedding_loss(self.embed(views), None)
-
-    def distributed_loss(self, views: Sequence[Tensor], ctx: ProcessContext) -> Tensor:
+    def loss(self, views: Sequence[Tensor], ctx: ProcessContext = ONE_PROCESS) -> Tensor:
         check_views(views, getattr(self, "n_views", None))
         if self.gather:
-            return self.embedding_loss(self.gathered_embeddings(views, ctx), ctx.generator(shared=True))
-        return self.embedding_loss(torch.stack(self.embed(views)), ctx.generator(shared=False))
+            z = self.gathered_embeddings(views, ctx)
+        else:
+            z = torch.stack(self.embed(views))
+        return self.embedding_loss(z, ctx.generator(shared=self.gather, device=z.device))
 
 
 METHODS: Registry[Any] = Registry("method")

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..checks import check_min, check_range
 from ..losses import byol_loss
 from ..models import ProjectionHead
-from .base import METHODS, Method, check_views, view_pairs
+from .base import METHODS, ONE_PROCESS, Method, ProcessContext, check_views, view_pairs
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -77,7 +77,8 @@ class BYOL(Method):
         yield from self.target_backbone.parameters()
         yield from self.target_head.parameters()
 
-    def loss(self, views: Sequence[Tensor]) -> Tensor:
+    def loss(self, views: Sequence[Tensor], ctx: ProcessContext = ONE_PROCESS) -> Tensor:
+        """A mean over images: nothing gathered under DDP (its gradient average is the global-batch gradient)."""
         check_views(views)
         d = len(views)
         p = list(self.predictor(torch.cat(self.embed(views))).chunk(d))

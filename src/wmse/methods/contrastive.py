@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..losses import nt_xent_loss
-from .base import METHODS, Method, ProcessContext, check_views, view_pairs
+from .base import METHODS, ONE_PROCESS, Method, ProcessContext, check_views, view_pairs
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -55,13 +55,9 @@ class Contrastive(Method):
         total = sum(nt_xent_loss(z[i], z[j], self.temperature, self.normalize, anchors=anchors) for i, j in pairs)
         return total / len(pairs)
 
-    def loss(self, views: Sequence[Tensor]) -> Tensor:
-        check_views(views)
-        return self._pair_loss(self.embed(views))
-
-    def distributed_loss(self, views: Sequence[Tensor], ctx: ProcessContext) -> Tensor:
+    def loss(self, views: Sequence[Tensor], ctx: ProcessContext = ONE_PROCESS) -> Tensor:
         """Negatives from every process: the embeddings are gathered, and this process computes only its own
-        images' rows of the N x 2N logits (the mean over processes is the global loss)."""
+        images' rows of the N x 2N logits (the mean over processes is the global loss); in one process, all."""
         check_views(views)
         local = torch.stack(self.embed(views))  # (d, n, D)
         z = ctx.gather(local, 1)  # (d, N, D)
