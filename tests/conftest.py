@@ -46,7 +46,7 @@ def tiny_config(folder, out_dir, **kw):
         dataset="folder", data_dir=str(folder), eval_split=None, holdout=0.1, arch="small", image_size=16,
         emb=8, head_hidden=32, w_size=16, batch_size=32, epochs=2, lr=1e-3, warmup_iters=2, schedule="step",
         precision="fp32", channels_last=False, eval_every=1, ckpt_every=1, log_every=1, eval_max_train=None,
-        out_dir=str(out_dir), run_name="run", linear_epochs=5, threads=1, predictor_hidden=32,
+        out_dir=str(out_dir), run_name="run", linear_epochs=5, threads=1, byol_predictor_hidden=32,
     )
     base.update(kw)
     return get_preset("cifar10-wmse2").replace(**base)

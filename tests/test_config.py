@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import shlex
 
 import pytest
 
 from wmse.config import (
-    DATASETS, PRESETS, Config, apply_overrides, describe_presets, get_preset, parse_value, validate,
+    DATASETS, METHODS, PRESETS, Config, apply_overrides, describe_presets, get_preset, parse_value, validate,
 )
 from wmse.data import available
 
@@ -61,14 +63,16 @@ def _expected(line: str) -> tuple[str, dict]:
     fields = {
         "method": method, "dataset": DATASET_NAME[f["dataset"]], "image_size": OFFICIAL_CROP[f["dataset"]],
         "epochs": int(f["epoch"]), "lr": float(f["lr"]), "emb": int(f["emb"]), "batch_size": int(f["bs"]),
-        "n_views": d, "w_iter": int(f["w_iter"]), "w_eps": float(f["w_eps"]), "temperature": float(f["tau"]),
-        "tau": float(f["byol_tau"]), "head_hidden": int(f["head_size"]), "predictor_hidden": int(f["head_size"]),
+        "n_views": d, "w_iter": int(f["w_iter"]), "w_eps": float(f["w_eps"]),
+        "contrastive_temperature": float(f["tau"]),
+        "byol_tau": float(f["byol_tau"]), "head_hidden": int(f["head_size"]),
+        "byol_predictor_hidden": int(f["head_size"]),
         "weight_decay": float(f["adam_l2"]), "schedule": f["lr_step"], "lr_drop_factor": float(f["drop_gamma"]),
         "crop_scale": (float(f["crop_s0"]), float(f["crop_s1"])),
         "crop_ratio": (float(f["crop_r0"]), float(f["crop_r1"])),
         "jitter": tuple(float(f[f"cj{i}"]) for i in range(4)), "jitter_p": float(f["cj_p"]),
         "grayscale_p": float(f["gs_p"]), "flip_p": float(f["hf_p"]), "arch": f["arch"], "knn_k": int(f["knn"]),
-        "warmup_iters": 500, "lr_drop_epochs": None, "normalize": True, "whitening": "cholesky",
+        "warmup_iters": 500, "lr_drop_epochs": None, "normalize": True, "w_whitening": "cholesky",
     }
     if method == "wmse":  # w_size only matters (and is only compared) for W-MSE
         fields["w_size"] = int(f["w_size"])
@@ -188,6 +192,62 @@ def test_from_dict_and_replace_reject_unknown_fields() -> None:
     assert Config.from_dict({"lr": 1, "epochs": "3"}) == Config(lr=1.0, epochs=3)
 
 
+# A config.json / checkpoint config written before the method fields took their method's prefix: the former
+# names, transcribed (not read from the code's own table), each with a value that is not the default.
+OLD_NAMES = {"whitening": ("w_whitening", "zca"), "whiten_global": ("w_global", True),
+             "temperature": ("contrastive_temperature", 0.2), "tau": ("byol_tau", 0.97),
+             "predictor_hidden": ("byol_predictor_hidden", 40), "sim_weight": ("vicreg_sim_weight", 20.0),
+             "var_weight": ("vicreg_var_weight", 21.0), "cov_weight": ("vicreg_cov_weight", 2.0),
+             "lambd": ("barlow_lambd", 0.01)}
+
+
+def test_a_config_json_of_the_earlier_form_loads(tmp_path) -> None:
+    current = get_preset("cifar10-byol").to_dict()
+    old = {k: v for k, v in current.items() if k not in {new for new, _ in OLD_NAMES.values()}}
+    old.update({name: value for name, (_, value) in OLD_NAMES.items()})
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    cfg = Config.from_dict(json.loads((tmp_path / "config.json").read_text()))
+    assert cfg == get_preset("cifar10-byol").replace(**dict(OLD_NAMES.values()))
+    # A current name wins over a former one; a name that never was a field is still refused.
+    assert Config.from_dict({"tau": 0.5, "byol_tau": 0.9}).byol_tau == 0.9
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['taux'\]"):
+        Config.from_dict({**old, "taux": 1})
+
+
+def test_a_former_field_name_on_the_command_line_names_the_new_one(capsys) -> None:
+    from wmse.cli import main
+
+    with pytest.raises(ValueError, match="unknown config field 'tau' \\(now 'byol_tau'\\)"):
+        apply_overrides(Config(), {"tau": "0.9"})
+    assert main(["pretrain", "--preset", "quick", "--whiten_global", "true"]) == 2
+    assert "unknown config field 'whiten_global' (now 'w_global')" in capsys.readouterr().err
+    assert main(["presets", "--show", "cifar10-byol"]) == 0
+    shown = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines())
+    assert shown["byol_tau"] == "0.99" and shown["w_whitening"] == "cholesky" and "tau" not in shown
+
+
+@pytest.mark.parametrize("name", list(METHODS.names()))
+def test_each_method_field_has_one_default(name: str) -> None:
+    """A method built in Python without its fields has the config's (and so the command line's) defaults, and
+    so does one built from a default config; the run fields its constructor takes default as the config's."""
+    from wmse.config import all_fields
+    from wmse.models import ProjectionHead, SmallConvNet
+
+    cls = METHODS[name]
+    backbone = SmallConvNet(1, out_dim=8)
+    python_api = cls(backbone, ProjectionHead(8, 8, 4))
+    from_config = cls.from_config(Config(method=name), backbone)
+    names = [f.name for f in dataclasses.fields(cls.Options)]
+    assert names and set(names) <= set(all_fields())
+    for field in names:
+        default = all_fields()[field].default
+        assert getattr(python_api, field) == default == getattr(Config(), field), field
+        assert getattr(from_config, field) == default, field
+    parameters = inspect.signature(cls.__init__).parameters
+    for field in cls.run_fields:
+        assert parameters[field].default == getattr(Config(), field) == getattr(python_api, field), field
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation
 
@@ -203,14 +263,14 @@ def test_from_dict_and_replace_reject_unknown_fields() -> None:
         (dict(arch="vgg11"), "unknown arch 'vgg11'"),
         (dict(dataset="mnist"), "unknown dataset 'mnist'"),
         (dict(schedule="linear"), "unknown schedule 'linear'; choose one of step, cosine"),
-        (dict(whitening="pca"), "unknown whitening 'pca'"),
+        (dict(w_whitening="pca"), "unknown whitening 'pca'"),
         (dict(precision="fp16"), "unknown precision 'fp16'"),
         (dict(epochs=0), "field 'epochs' must be >= 1, got 0"),
         (dict(batch_size=1, w_size=1, emb=1, method="byol"), "batch_size must be >= 2"),
         (dict(lr=0.0), "field 'lr' must be > 0"),
         (dict(w_iter=0), "field 'w_iter' must be >= 1"),
-        (dict(method="contrastive", temperature=0.0), "temperature"),
-        (dict(method="byol", tau=1.5), "field 'tau' must be in"),
+        (dict(method="contrastive", contrastive_temperature=0.0), "contrastive_temperature"),
+        (dict(method="byol", byol_tau=1.5), "field 'byol_tau' must be in"),
         (dict(crop_scale=(0.5, 0.2)), "crop_scale"),
         (dict(flip_p=1.5), "field 'flip_p' must be in"),
         (dict(eval_split=None, holdout=0.0), "holdout"),

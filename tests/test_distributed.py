@@ -48,11 +48,11 @@ def make_method(kind: str, whiten_global: bool = False) -> nn.Module:
     torch.manual_seed(0)
     backbone, head = _nets()
     if kind == "wmse":
-        m = WMSE(backbone, head, n_views=D_VIEWS, w_size=W_SIZE, w_iter=2, whiten_global=whiten_global)
+        m = WMSE(backbone, head, n_views=D_VIEWS, w_size=W_SIZE, w_iter=2, w_global=whiten_global)
     elif kind == "contrastive":
-        m = Contrastive(backbone, head, temperature=0.5)
+        m = Contrastive(backbone, head, contrastive_temperature=0.5)
     else:
-        m = BYOL(backbone, head, nn.Sequential(nn.Linear(EMB, 6), nn.Tanh(), nn.Linear(6, EMB)), tau=0.99)
+        m = BYOL(backbone, head, nn.Sequential(nn.Linear(EMB, 6), nn.Tanh(), nn.Linear(6, EMB)), byol_tau=0.99)
     return m.double()
 
 
@@ -62,7 +62,7 @@ def global_views(step: int) -> list[torch.Tensor]:
 
 
 def cfg_for(kind: str, whiten_global: bool) -> SimpleNamespace:
-    return SimpleNamespace(method=kind, whiten_global=whiten_global, seed=SEED, batch_size=N, w_size=W_SIZE,
+    return SimpleNamespace(method=kind, w_global=whiten_global, seed=SEED, batch_size=N, w_size=W_SIZE,
                            sync_bn=False, device="cpu")
 
 
@@ -181,11 +181,11 @@ def test_byol_gradient_is_the_global_batch_gradient(ddp_results):
 
 
 def test_check_batch_errors_name_batch_size_w_size_and_nproc():
-    cfg = SimpleNamespace(method="wmse", whiten_global=False, batch_size=384, w_size=128, sync_bn=False,
+    cfg = SimpleNamespace(method="wmse", w_global=False, batch_size=384, w_size=128, sync_bn=False,
                           device="cpu")
     with pytest.raises(ValueError, match=r"batch_size/nproc = 384/2 = 192.*w_size \(128\)"):
         check_batch(cfg, 2)
-    check_batch(SimpleNamespace(**{**vars(cfg), "whiten_global": True}), 2)  # global slices: fine
+    check_batch(SimpleNamespace(**{**vars(cfg), "w_global": True}), 2)  # global slices: fine
     check_batch(cfg, 3)  # 128 per process
     with pytest.raises(ValueError, match=r"batch_size \(384\) must be a multiple of nproc \(5\)"):
         check_batch(cfg, 5)
@@ -243,7 +243,7 @@ def _overrides(cfg) -> list[str]:
 
 def test_nproc_cli_run_writes_one_checkpoint(tiny_folder, tmp_path, make_config):
     """`wmse pretrain --nproc 2 ...` (torchrun -m wmse underneath) on CPU: finishes, one run dir, one checkpoint."""
-    cfg = make_config(tiny_folder, tmp_path / "runs", epochs=1, eval_every=1, whiten_global=True,
+    cfg = make_config(tiny_folder, tmp_path / "runs", epochs=1, eval_every=1, w_global=True,
                       batch_size=32, w_size=16)
     cmd = [sys.executable, "-m", "wmse", "pretrain", "--nproc", "2", "--preset", "cifar10-wmse2", *_overrides(cfg)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WMSE_CACHE": str(tmp_path / "cache")}
@@ -276,7 +276,7 @@ def _train_worker(rank: int, ports: list[int], cfgs: list, resume_index: int) ->
 def test_ddp_resume_is_exact(tiny_folder, tmp_path, make_config):
     """Stop a 2-process run mid-epoch, resume it under DDP: same weights as an uninterrupted 2-process run."""
     # 16 images per rank in 2 slices of 8: the slice permutation after the resume matters
-    kw = dict(epochs=2, eval_every=100, ckpt_every=100, final_eval=False, whiten_global=False, w_size=8,
+    kw = dict(epochs=2, eval_every=100, ckpt_every=100, final_eval=False, w_global=False, w_size=8,
               batch_size=32, emb=4)
     full = make_config(tiny_folder, tmp_path / "a", **kw)
     part = make_config(tiny_folder, tmp_path / "b", max_steps=4, **kw)

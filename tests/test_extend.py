@@ -16,23 +16,14 @@ from wmse.progress import read_metrics
 from wmse.train import pretrain
 
 
-@pytest.fixture
-def toy_method():
-    """A method in a dozen lines: cosine distance of the two views' embeddings, with one field of its own."""
+def _toy_declared():
+    """A method in a dozen lines: cosine distance of the two views' embeddings, with one field of its own,
+    declared once (the README's way): the constructor and from_config come from the base class."""
 
-    @METHODS.register("toy")
     class Toy(Method):
         @dataclass(frozen=True)
         class Options:
             toy_scale: float = 2.0  # a field only this method has
-
-        def __init__(self, backbone, head, scale):
-            super().__init__(backbone, head)
-            self.scale = scale
-
-        @classmethod
-        def from_config(cls, cfg, backbone):
-            return cls(backbone, cls.default_head(cfg, backbone), cfg.toy_scale)
 
         @classmethod
         def validate_config(cls, cfg):
@@ -42,9 +33,36 @@ def toy_method():
         def loss(self, views, ctx=ONE_PROCESS):  # ctx: the process and step (unused: nothing gathered or drawn)
             check_views(views)
             z1, z2 = self.embed(views)
+            return self.toy_scale * (1 - torch.nn.functional.cosine_similarity(z1, z2).mean())
+
+    return Toy
+
+
+def _toy_own_constructor():
+    """The same method written with its own __init__ and from_config (as methods were written before the
+    generic from_config): still works."""
+
+    class Toy(_toy_declared()):
+        def __init__(self, backbone, head, scale):
+            super().__init__(backbone, head)
+            self.scale = scale
+
+        @classmethod
+        def from_config(cls, cfg, backbone):
+            return cls(backbone, cls.default_head(cfg, backbone), cfg.toy_scale)
+
+        def loss(self, views, ctx=ONE_PROCESS):
+            check_views(views)
+            z1, z2 = self.embed(views)
             return self.scale * (1 - torch.nn.functional.cosine_similarity(z1, z2).mean())
 
-    yield Toy
+    return Toy
+
+
+@pytest.fixture(params=[_toy_declared, _toy_own_constructor], ids=["declared", "own-constructor"])
+def toy_method(request):
+    toy = METHODS.register("toy")(request.param())
+    yield toy
     METHODS.remove("toy")
 
 
@@ -65,6 +83,17 @@ def test_registered_method_fields_reach_the_cli(toy_method, tiny_folder, tmp_pat
     assert "toy_scale" in capsys.readouterr().out
     assert main(["pretrain", "--preset", "quick", "--method", "toy", "--toy_scale", "abc"]) == 2
     assert "field 'toy_scale' expects a float" in capsys.readouterr().err
+
+
+def test_a_declared_field_is_a_keyword_argument_and_an_attribute():
+    from wmse.models import ProjectionHead, SmallConvNet
+
+    toy = _toy_declared()
+    backbone = SmallConvNet(1, out_dim=8)
+    assert toy(backbone, ProjectionHead(8, 8, 4)).toy_scale == 2.0
+    assert toy(backbone, ProjectionHead(8, 8, 4), toy_scale=5.0).options() == toy.Options(toy_scale=5.0)
+    with pytest.raises(TypeError, match="Toy has no option 'scale'; its options: toy_scale"):
+        toy(backbone, ProjectionHead(8, 8, 4), scale=5.0)
 
 
 def test_unknown_method_names_the_registered_ones():
@@ -120,3 +149,19 @@ def test_no_import_circles():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+
+
+def test_every_name_in_every_all_resolves():
+    """`from wmse.x import *` works for every module: each name its __all__ lists exists."""
+    import importlib
+    import pkgutil
+
+    import wmse
+
+    modules = [wmse] + [importlib.import_module(m.name)
+                        for m in pkgutil.walk_packages(wmse.__path__, "wmse.") if m.name != "wmse.__main__"]
+    assert len(modules) > 40
+    missing = [f"{m.__name__}.{name}" for m in modules for name in getattr(m, "__all__", ()) if not hasattr(m, name)]
+    assert not missing
+    for m in modules:  # what `import *` itself does
+        exec(f"from {m.__name__} import *", {})

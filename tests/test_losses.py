@@ -68,7 +68,7 @@ def test_stacked_tensor_equals_list_and_module():
 def test_gradcheck_float64():
     views = make_views(3, N=24, D=4, seed=3, dtype=torch.float64)
     for method in ("cholesky", "zca"):
-        fn = lambda *v: wmse_loss(list(v), 12, w_iter=2, method=method, generator=torch.Generator().manual_seed(0))
+        fn = lambda *v: wmse_loss(list(v), 12, w_iter=2, whitening=method, generator=torch.Generator().manual_seed(0))
         assert torch.autograd.gradcheck(fn, tuple(views))
 
 
@@ -84,8 +84,8 @@ def test_invariant_to_triangular_affine_map_with_one_slice():
     base = wmse_loss(views, 128)
     assert torch.allclose(wmse_loss([v @ U + b for v in views], 128), base, atol=1e-10)
     Q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
-    zca = wmse_loss(views, 128, method="zca")
-    assert torch.allclose(wmse_loss([3.0 * v @ Q + b for v in views], 128, method="zca"), zca, atol=1e-10)
+    zca = wmse_loss(views, 128, whitening="zca")
+    assert torch.allclose(wmse_loss([3.0 * v @ Q + b for v in views], 128, whitening="zca"), zca, atol=1e-10)
 
 
 def test_singular_covariance_gives_finite_loss_and_gradients():
@@ -128,13 +128,25 @@ def test_bf16_autocast_matches_float32():
         ([torch.randn(96, 8)] * 2, {"w_size": 64}, "multiple of w_size"),
         ([torch.randn(64, 40)] * 2, {"w_size": 32}, r"w_size >= 2\*D"),
         ([torch.randn(64, 8)] * 2, {"w_iter": 0}, "w_iter"),
-        ([torch.randn(64, 8)] * 2, {"method": "svd"}, "method"),
+        ([torch.randn(64, 8)] * 2, {"whitening": "svd"}, "whitening"),
     ],
 )
 def test_bad_arguments(views, kwargs, match):
     kwargs = {"w_size": 32, **kwargs}
     with pytest.raises(ValueError, match=match):
         wmse_loss(views, **kwargs)
+
+
+def test_method_is_a_deprecated_name_of_whitening():
+    views = make_views(2, N=64, D=8, seed=5)
+    want = wmse_loss(views, 32, whitening="zca", generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(want, wmse_loss(views, 32, generator=torch.Generator().manual_seed(0)))
+    with pytest.warns(DeprecationWarning, match=r"wmse_loss\(method=...\) is deprecated"):
+        assert torch.equal(wmse_loss(views, 32, method="zca", generator=torch.Generator().manual_seed(0)), want)
+    with pytest.warns(DeprecationWarning, match=r"WMSELoss\(method=...\) is deprecated"):
+        criterion = WMSELoss(32, method="zca")
+    assert criterion.whitening == "zca"
+    assert torch.equal(criterion(views, generator=torch.Generator().manual_seed(0)), want)
 
 
 def naive_nt_xent(z1, z2, t):

@@ -38,8 +38,8 @@ def _make(kind: str, d: int = 2) -> Method:
     if kind == "wmse":
         return WMSE(backbone, head, n_views=d, w_size=W_SIZE)
     if kind == "contrastive":
-        return Contrastive(backbone, head, temperature=0.5)
-    return BYOL(backbone, head, ProjectionHead(EMB, 64, EMB), tau=0.99)
+        return Contrastive(backbone, head, contrastive_temperature=0.5)
+    return BYOL(backbone, head, ProjectionHead(EMB, 64, EMB), byol_tau=0.99)
 
 
 def _per_view(method: Method, views: list[Tensor]) -> list[Tensor]:
@@ -208,7 +208,8 @@ def test_features_shapes() -> None:
 @pytest.mark.parametrize("method_name, cls", [("wmse", WMSE), ("contrastive", Contrastive), ("byol", BYOL)])
 def test_build_method_from_config(method_name: str, cls: type) -> None:
     cfg = Config(method=method_name, arch="small", image_size=28, emb=16, head_hidden=48,
-                 predictor_hidden=40, n_views=4, w_size=32, w_iter=2, batch_size=64, temperature=0.2, tau=0.98)
+                 byol_predictor_hidden=40, n_views=4, w_size=32, w_iter=2, batch_size=64, contrastive_temperature=0.2,
+                 byol_tau=0.98)
     method = build_method(cfg, in_channels=1)
     assert isinstance(method, cls)
     assert method.backbone.features[0].in_channels == 1
@@ -218,9 +219,9 @@ def test_build_method_from_config(method_name: str, cls: type) -> None:
     if method_name == "wmse":
         assert (method.n_views, method.w_size, method.w_iter) == (4, 32, 2)
     if method_name == "contrastive":
-        assert method.temperature == 0.2
+        assert method.contrastive_temperature == 0.2
     if method_name == "byol":
-        assert method.tau0 == 0.98 and method.predictor[0].out_features == 40
+        assert method.byol_tau == 0.98 and method.predictor[0].out_features == 40
         assert method.predictor[3].out_features == 16
     x = [torch.randn(64, 1, 28, 28) for _ in range(4)]
     assert torch.isfinite(method.loss(x if method_name == "wmse" else x[:2]))

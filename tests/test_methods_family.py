@@ -47,9 +47,9 @@ def make(name: str) -> nn.Module:
     """Identical float64 weights on every rank, no BatchNorm (an embedding depends on its own image only)."""
     torch.manual_seed(0)
     backbone, head = _nets(EMB)
-    m = {"cwrgp": lambda: CWRGP(backbone, head, w_size=8, groups=2),
+    m = {"cwrgp": lambda: CWRGP(backbone, head, w_size=8, cw_groups=2),
          "intl": lambda: INTL(backbone, head),
-         "dbn": lambda: ShuffledDBN(backbone, head, groups=4),
+         "dbn": lambda: ShuffledDBN(backbone, head, dbn_groups=4),
          "vicreg": lambda: VICReg(backbone, head),
          "barlow": lambda: BarlowTwins(backbone, head)}[name]()
     return m.double()

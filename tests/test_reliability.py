@@ -403,23 +403,30 @@ def test_evaluate_uses_the_runs_probe_epochs_by_default(tiny_folder, tmp_path, e
 
 
 def test_a_checkpoint_of_the_earlier_format_resumes_and_evaluates(tiny_folder, tmp_path, env):
-    """Checkpoints written before the config gained fields (resize, optimizer, ...) and before train_seconds
-    load with the new fields at their defaults: resume and evaluate work."""
+    """Checkpoints written before the config gained fields (resize, optimizer, ...), before train_seconds and
+    before the method fields took their method's prefix (tau -> byol_tau, ...) load with the new fields at
+    their defaults and the renamed ones at their values: resume and evaluate work."""
     from wmse.checkpoint import save_atomic
     from wmse.config import RunFields, all_fields
 
     run = tmp_path / "r"
     assert wmse("pretrain", *TINY, "--data_dir", tiny_folder, "--out_dir", tmp_path, "--run_name", "r",
-                "--epochs", "2", "--max_steps", "2", env=env).returncode == 0
+                "--epochs", "2", "--max_steps", "2", "--w_whitening", "zca", env=env).returncode == 0
     ckpt = load_checkpoint(run)
     old_fields = ("resize", "eval_data_dir", "optimizer", "momentum", "head_layers", "lr_end_factor", "solarize_p",
                   "sync_every", "augment_batches", "max_minutes")
     assert set(old_fields) <= set(all_fields()) and "w_size" not in {f for f in vars(RunFields())}
     ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k not in old_fields}
+    former = {"w_whitening": "whitening", "w_global": "whiten_global", "contrastive_temperature": "temperature",
+              "byol_tau": "tau", "byol_predictor_hidden": "predictor_hidden", "vicreg_sim_weight": "sim_weight",
+              "vicreg_var_weight": "var_weight", "vicreg_cov_weight": "cov_weight", "barlow_lambd": "lambd"}
+    ckpt["config"] = {former.get(k, k): v for k, v in ckpt["config"].items()}
+    assert ckpt["config"]["whitening"] == "zca" and "byol_tau" not in ckpt["config"]
     del ckpt["train_seconds"]
     save_atomic(ckpt, run / "checkpoints" / "last.pt")
     assert wmse("pretrain", "--resume", run, env=env).returncode == 0
-    assert load_checkpoint(run)["step"] == 6
+    resumed = load_checkpoint(run)
+    assert resumed["step"] == 6 and resumed["config"]["w_whitening"] == "zca" and "whitening" not in resumed["config"]
     assert wmse("evaluate", run, "--linear_epochs", "2", env=env).returncode == 0
 
 

@@ -36,7 +36,7 @@ def slices():
 
 @pytest.mark.parametrize("method", ["cholesky", "zca", "newton_schulz"])
 def test_identity_covariance(slices, method):
-    z = whiten(slices, method=method)
+    z = whiten(slices, whitening=method)
     assert z.shape == slices.shape and z.dtype == torch.float32
     eye = torch.eye(16).expand(3, 5, 16, 16)
     assert torch.allclose(cov_of(z), eye, atol=1e-4), (cov_of(z) - eye).abs().max()
@@ -55,8 +55,8 @@ def test_cholesky_matches_float64_naive(slices):
 
 def test_zca_is_symmetric_and_newton_schulz_converges_to_it(slices):
     x = slices.double()
-    zca = whiten(x, method="zca")
-    ns = whiten(x, method="newton_schulz", ns_iters=30)
+    zca = whiten(x, whitening="zca")
+    ns = whiten(x, whitening="newton_schulz", ns_iters=30)
     assert torch.allclose(ns, zca, atol=1e-6)
     # ZCA is the whitening closest to the input: W = C^{-1/2} is symmetric.
     xc = x - x.mean(-2, keepdim=True)
@@ -78,7 +78,7 @@ def test_grad_matches_autograd_through_naive(slices):
 def test_gradcheck(method, eps):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 10, 4, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a: whiten(a, method=method, eps=eps, ns_iters=25), (x,))
+    assert torch.autograd.gradcheck(lambda a: whiten(a, whitening=method, eps=eps, ns_iters=25), (x,))
 
 
 def test_autocast_bf16_computes_in_float32(slices):
@@ -100,7 +100,7 @@ def test_singular_covariance_is_finite_and_counted():
         warnings.simplefilter("always")
         for x in (few_rows, duplicated, collapsed):
             for method in ("cholesky", "zca", "newton_schulz"):
-                z = whiten(x, method=method)
+                z = whiten(x, whitening=method)
                 assert torch.isfinite(z).all(), method
         whiten(few_rows).sum().backward()
     assert torch.isfinite(few_rows.grad).all()
@@ -110,7 +110,7 @@ def test_singular_covariance_is_finite_and_counted():
 
 @pytest.mark.parametrize(
     "shape,kwargs,match",
-    [((5,), {}, "at least 2 dimensions"), ((1, 4), {}, "at least 2 rows"), ((8, 4), {"method": "pca"}, "method")],
+    [((5,), {}, "at least 2 dimensions"), ((1, 4), {}, "at least 2 rows"), ((8, 4), {"whitening": "pca"}, "whitening")],
 )
 def test_bad_arguments(shape, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -139,3 +139,19 @@ def test_whitening_module_running_stats():
 
 def test_public_names():
     assert wmse.whiten is whiten and wmse.Whitening is Whitening
+
+
+def test_method_is_a_deprecated_name_of_whitening():
+    """``method=`` (the former name of the operator) still works, warns, and gives what ``whitening=`` gives."""
+    x = torch.randn(2, 32, 4, generator=torch.Generator().manual_seed(4))
+    with pytest.warns(DeprecationWarning, match=r"whiten\(method=...\) is deprecated.*whitening="):
+        old = whiten(x, method="zca")
+    assert torch.equal(old, whiten(x, whitening="zca")) and not torch.equal(old, whiten(x))
+    with pytest.warns(DeprecationWarning, match="Whitening"):
+        assert Whitening(4, method="zca").whitening == "zca"
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="give only whitening="):
+        whiten(x, whitening="newton_schulz", method="zca")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new name warns nothing
+        whiten(x, whitening="zca")
+        Whitening(4, whitening="zca")

@@ -97,8 +97,10 @@ def cmd_presets(args, extra: list[str]) -> int:
     if extra:
         raise UsageError(f"unexpected arguments {extra}")
     if args.show:
-        for key, value in get_preset(args.show).to_dict().items():
-            print(f"{key:<20} {value}")
+        values = get_preset(args.show).to_dict()
+        width = max(map(len, values))  # prefixed method fields are longer than the run's
+        for key, value in values.items():
+            print(f"{key:<{width}} {value}")
     else:
         print(describe_presets())
     return 0

@@ -264,22 +264,38 @@ WHITENINGS.add("zca", WhiteningOp(matrix=lambda cov, iters: zca_matrix(cov)))
 WHITENINGS.add("newton_schulz", WhiteningOp(matrix=newton_schulz_matrix))
 
 
-def whiten(x: Tensor, method: str = "cholesky", eps: float = 0.0, ns_iters: int = 15) -> Tensor:
+def whitening_name(whitening: str, method: str | None, caller: str) -> str:
+    """The whitening operator a call names: ``whitening``, or ``method``, its former (deprecated) name, with a
+    DeprecationWarning pointing at the caller's caller. TypeError when both name different operators."""
+    if method is None:
+        return whitening
+    warnings.warn(f"{caller}(method=...) is deprecated: the whitening operator is now whitening=...",
+                  DeprecationWarning, stacklevel=3)
+    if whitening not in ("cholesky", method):
+        raise TypeError(f"{caller}: whitening={whitening!r} and method={method!r}; give only whitening= "
+                        "(method= is its former name)")
+    return method
+
+
+def whiten(x: Tensor, whitening: str = "cholesky", eps: float = 0.0, ns_iters: int = 15, *,
+           method: str | None = None) -> Tensor:
     """Whiten every slice of ``x`` independently.
 
     Args:
         x: (..., w, D). Each leading index is one slice of w samples with D features.
-        method: a name of :data:`WHITENINGS`: "cholesky" (the paper: z = L^{-1}(v - mu) with C = L L^T),
-            "zca" (z = C^{-1/2}(v - mu)) or "newton_schulz" (ZCA approximated by ``ns_iters`` coupled
+        whitening: the operator, a name of :data:`WHITENINGS`: "cholesky" (the paper: z = L^{-1}(v - mu) with
+            C = L L^T), "zca" (z = C^{-1/2}(v - mu)) or "newton_schulz" (ZCA approximated by ``ns_iters`` coupled
             Newton-Schulz iterations).
         eps: shrinkage, C' = (1 - eps) C + eps I (the official ``w_eps``).
         ns_iters: iterations for "newton_schulz".
+        method: former name of ``whitening`` (deprecated).
 
     Returns:
         (..., w, D) with zero mean and identity covariance per slice, in x's dtype.
     """
+    whitening = whitening_name(whitening, method, "whiten")
     _check_input(x)
-    op = WHITENINGS.get(method, "method")
+    op = WHITENINGS.get(whitening, "whitening")
     with torch.autocast(x.device.type, enabled=False):
         xf = x.to(factor_dtype(x))
         if op.whiten is not None:
@@ -295,23 +311,27 @@ class Whitening(nn.Module):
     Training: ``forward(x)`` whitens each slice of x (..., w, D) with its own statistics (as :func:`whiten`)
     and updates ``running_mean`` (D,) and ``running_cov`` (D, D) with an exponential moving average of the
     batch statistics (all slices pooled). Eval: every row is whitened with the running statistics.
+    ``whitening``: the operator, as in :func:`whiten` (``method``: its former, deprecated name).
     """
 
     def __init__(
         self,
         num_features: int,
-        method: str = "cholesky",
+        whitening: str = "cholesky",
         eps: float = 0.0,
         momentum: float = 0.01,
         track_running_stats: bool = True,
         ns_iters: int = 15,
+        *,
+        method: str | None = None,
     ) -> None:
         super().__init__()
-        WHITENINGS.check(method, "method")
+        whitening = whitening_name(whitening, method, "Whitening")
+        WHITENINGS.check(whitening, "whitening")
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"momentum must be in (0, 1], got {momentum}")
         self.num_features = num_features
-        self.method = method
+        self.whitening = whitening
         self.eps = eps
         self.momentum = momentum
         self.track_running_stats = track_running_stats
@@ -325,10 +345,10 @@ class Whitening(nn.Module):
         if self.training or not self.track_running_stats:
             if self.training and self.track_running_stats:
                 self._update_running_stats(x)
-            return whiten(x, self.method, self.eps, self.ns_iters)
+            return whiten(x, self.whitening, self.eps, self.ns_iters)
         with torch.autocast(x.device.type, enabled=False):
             cov = shrink(self.running_cov.to(factor_dtype(x)), self.eps)
-            W = WHITENINGS[self.method].matrix(cov, self.ns_iters)
+            W = WHITENINGS[self.whitening].matrix(cov, self.ns_iters)
             z = (x.to(cov.dtype) - self.running_mean.to(cov.dtype)) @ W
         return z.to(x.dtype)
 
@@ -344,4 +364,4 @@ class Whitening(nn.Module):
             self.running_cov.mul_(1 - m).add_(cov.to(self.running_cov.dtype), alpha=m)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, method={self.method!r}, eps={self.eps}, momentum={self.momentum}"
+        return f"{self.num_features}, whitening={self.whitening!r}, eps={self.eps}, momentum={self.momentum}"

@@ -49,9 +49,9 @@ class Augmenter:
         chunk: images processed at a time on the CPU (keeps temporaries in cache); CUDA uses the whole batch.
 
     On the CPU the Augmenter keeps its per-chunk working buffers (a few chunks' worth of float
-    images) between calls: allocated afresh for every view, buffers above glibc's mmap threshold
-    (32 MiB) come back from the kernel zeroed page by page, one page fault per page (figures in
-    benchmarks/README.md). CUDA's caching allocator already reuses memory, so nothing is kept there.
+    images) between calls: large buffers allocated afresh for every view come back from the kernel
+    zeroed, one page fault per page (why, and the figures: benchmarks/README.md). CUDA's caching
+    allocator already reuses memory, so nothing is kept there.
     """
 
     def __init__(self, cfg: AugmentConfig, mean: Sequence[float], std: Sequence[float], chunk: int = 128) -> None:

@@ -20,7 +20,7 @@ __all__ = ["PRESETS", "OFFICIAL_COMMANDS", "get_preset", "describe_presets", "pr
 # Official flags -> fields: --bs batch_size, --num_samples n_views, --epoch epochs, --emb emb,
 # --w_size w_size, --w_iter w_iter, --lr lr, --crop_s0 crop_scale[0], --cj0..3 jitter, --gs_p
 # grayscale_p. Unstated official defaults: bs 512, num_samples 2, w_size 128, w_iter 1,
-# w_eps 0, head 1024, tau (temperature) 0.5, byol_tau 0.99, adam_l2 1e-6, drop (50, 25) x0.2,
+# w_eps 0, head 1024, tau (contrastive_temperature) 0.5, byol_tau 0.99, adam_l2 1e-6, drop (50, 25) x0.2,
 # 500 warm-up iterations, crop scale (0.2, 1), jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale 0.1.
 
 # Per dataset: what the official dataset modules fix (crop size, eval transform, splits).
@@ -101,8 +101,8 @@ def _table1_presets() -> dict[str, Config]:
 
 
 # quick: the README's demo. Fashion-MNIST (Debian's files, 1 channel, 28 px) with the small conv
-# net on a 2-core CPU. fp32 because CPUs without native bf16 instructions emulate bf16 convolutions, far
-# slower than fp32 (benchmarks/README.md).
+# net on a CPU of a few cores. fp32 because CPUs without native bf16 instructions emulate bf16 convolutions,
+# far slower than fp32 (benchmarks/README.md).
 # Cosine schedule: the step schedule's drops at E-50/E-25 would fall at epoch 0 of a short run.
 # Milder crops than the official (0.2, 1): a 20 % crop of a 28 px garment loses its silhouette.
 # w_size 128 = the whole batch: one better-estimated covariance per view instead of two.
@@ -128,9 +128,9 @@ _CIFAR10_QUICK = Config(
 # cifar10-fast: W-MSE 2 on the CIFAR-10 training images as one archive or folder (`--data_dir
 # cifar10-train.zip`, benchmarks/cifar10_zip.sh makes it), 10% per class held out (seeded) for every
 # evaluation, a cosine schedule short enough that pretraining and the final kNN + linear evaluation fit in
-# one 7-minute command on an H200; eight batches augmented per call and the step's host read every 50
-# steps keep the GPU busy. Provisional: the epoch count and lr are not yet chosen on a GPU (no GPU was lent
-# when this was written); benchmarks/gpu.sh fast measures it.
+# one short command on one GPU; eight batches augmented per call and the step's host read every 50 steps
+# keep the GPU busy. Provisional until measured on a GPU (`bash benchmarks/gpu.sh fast` measures it; the
+# budget it was designed for and its status: benchmarks/README.md, "Notes moved from the code").
 _CIFAR10_FAST = _CIFAR10_QUICK.replace(
     preset="cifar10-fast", epochs=200, lr=3e-3, warmup_iters=500, schedule="cosine", augment_batches=8,
     eval_every=25, ckpt_every=50, eval_max_train=10000, final_eval=True, linear_epochs=100,
@@ -233,7 +233,8 @@ def _method_options(cfg: Config) -> str:
 
 
 # Method fields worth a column in `wmse presets` (the rest: `wmse presets --show NAME`).
-_SHOWN_OPTIONS = ("w_size", "w_iter", "temperature", "tau", "cw_groups", "dbn_groups", "intl_iters", "lambd")
+_SHOWN_OPTIONS = ("w_size", "w_iter", "contrastive_temperature", "byol_tau", "cw_groups", "dbn_groups", "intl_iters",
+                  "barlow_lambd")
 
 
 def describe_presets() -> str:

@@ -2,7 +2,9 @@
 method declares in its ``Options`` dataclass, as one flat :class:`Config`.
 
 Flat on purpose: ``--w_size 256`` on the command line, ``cfg.w_size`` in code and ``"w_size"`` in
-config.json and checkpoints, whichever method declared it.
+config.json and checkpoints, whichever method declared it. A method's fields carry its prefix (``w_``,
+``byol_``, ``cw_`` ...); the former names of renamed fields (each method's ``renamed_fields``) are read in
+config dicts written before the rename (:meth:`Config.from_dict`), so old config.json files and checkpoints load.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any, Optional
 from ..augment.recipe import RECIPE
 from .fields import Field, coerce, fields_of, parse_text
 
-__all__ = ["RunFields", "Config", "all_fields", "parse_value", "apply_overrides"]
+__all__ = ["RunFields", "Config", "all_fields", "renamed_fields", "parse_value", "apply_overrides"]
 
 
 @dataclass(frozen=True)
@@ -117,11 +119,38 @@ def all_fields() -> dict[str, Field]:
     return _cache[key]
 
 
+def renamed_fields() -> dict[str, str]:
+    """Former names of config fields, {old: new}, from every registered method's ``renamed_fields``.
+
+    Raises ValueError when two methods claim one former name for different fields.
+    """
+    from ..methods import METHODS
+
+    table: dict[str, str] = {}
+    for name, cls in METHODS.items():
+        for old, new in cls.renamed_fields.items():
+            if table.setdefault(old, new) != new:
+                raise ValueError(f"former config field {old!r} is renamed {table[old]!r} and, by {name}, {new!r}")
+    return table
+
+
+def _current_names(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` (a config dict written before some fields were renamed) with each former name replaced by the
+    field's current name; a key that is a current field is kept as it is."""
+    table, renamed = all_fields(), renamed_fields()
+    out = {k: v for k, v in d.items() if k in table or k not in renamed}
+    for k, v in d.items():
+        if k not in table and k in renamed:
+            out.setdefault(renamed[k], v)
+    return out
+
+
 def _unknown(names) -> ValueError:
-    names = sorted(names)
+    renamed = renamed_fields()
+    names = [f"{n!r} (now {renamed[n]!r})" if n in renamed else repr(n) for n in sorted(names)]
     if len(names) == 1:
-        return ValueError(f"unknown config field {names[0]!r}; see `wmse presets --show NAME`")
-    return ValueError(f"unknown config field(s) {names}; see `wmse presets --show NAME`")
+        return ValueError(f"unknown config field {names[0]}; see `wmse presets --show NAME`")
+    return ValueError(f"unknown config field(s) {', '.join(names)}; see `wmse presets --show NAME`")
 
 
 class Config:
@@ -161,8 +190,10 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
-        """Inverse of :meth:`to_dict`. Unknown keys raise ValueError; strings are parsed by field type."""
+        """Inverse of :meth:`to_dict`. Unknown keys raise ValueError; strings are parsed by field type; the
+        former names of renamed fields (configs of earlier versions) are read as their current names."""
         table = all_fields()
+        d = _current_names(d)
         unknown = set(d) - set(table)
         if unknown:
             names = sorted(unknown)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..whitening import WHITENINGS, whiten
+from ..whitening import WHITENINGS, whiten, whitening_name
 
 __all__ = ["wmse_loss", "WMSELoss", "pair_mse", "as_views", "check_slices"]
 
@@ -127,9 +127,11 @@ def wmse_loss(
     w_iter: int = 1,
     eps: float = 0.0,
     normalize: bool = True,
-    method: str = "cholesky",
+    whitening: str = "cholesky",
     generator: torch.Generator | None = None,
     ns_iters: int = 15,
+    *,
+    method: str | None = None,
 ) -> Tensor:
     """The W-MSE loss (Ermolov et al., 2021).
 
@@ -140,25 +142,28 @@ def wmse_loss(
         w_iter: repetitions with fresh random slicing; the loss is averaged over them.
         eps: covariance shrinkage towards identity.
         normalize: MSE of L2-normalised whitened views (the paper); False gives plain MSE (official --no_norm).
-        method: whitening, "cholesky" (paper), "zca" or "newton_schulz".
+        whitening: the whitening operator, "cholesky" (paper), "zca" or "newton_schulz".
         generator: random generator for the slice permutations (reproducibility).
         ns_iters: iterations of "newton_schulz".
+        method: former name of ``whitening`` (deprecated).
 
     Returns:
         Scalar loss (float32, or float64 for float64 input): mean over w_iter and view pairs of
         mean_images ||z_i/|z_i| - z_j/|z_j|||^2, gradients through both views and the whitening.
     """
+    whitening = whitening_name(whitening, method, "wmse_loss")
     h = as_views(views)
     d, N, D = h.shape
-    _check_slicing(N, D, w_size, w_iter)  # whiten() checks the method
+    _check_slicing(N, D, w_size, w_iter)  # whiten() checks the whitening operator
     with torch.autocast(h.device.type, enabled=False):
         h = h.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
-        z = whiten(_slices(h, w_size, w_iter, generator), method=method, eps=eps, ns_iters=ns_iters)
+        z = whiten(_slices(h, w_size, w_iter, generator), whitening, eps, ns_iters)
         return pair_mse(z, normalize)
 
 
 class WMSELoss(nn.Module):
-    """W-MSE loss as a module. forward(views) with views d x (N, D) or (d, N, D); see :func:`wmse_loss`."""
+    """W-MSE loss as a module. forward(views) with views d x (N, D) or (d, N, D); see :func:`wmse_loss`
+    (``method``: the former, deprecated name of ``whitening``)."""
 
     def __init__(
         self,
@@ -166,20 +171,23 @@ class WMSELoss(nn.Module):
         w_iter: int = 1,
         eps: float = 0.0,
         normalize: bool = True,
-        method: str = "cholesky",
+        whitening: str = "cholesky",
         ns_iters: int = 15,
+        *,
+        method: str | None = None,
     ) -> None:
         super().__init__()
-        WHITENINGS.check(method, "method")
+        whitening = whitening_name(whitening, method, "WMSELoss")
+        WHITENINGS.check(whitening, "whitening")
         if w_iter < 1:
             raise ValueError(f"w_iter must be >= 1, got {w_iter}")
         self.w_size, self.w_iter, self.eps = w_size, w_iter, eps
-        self.normalize, self.method, self.ns_iters = normalize, method, ns_iters
+        self.normalize, self.whitening, self.ns_iters = normalize, whitening, ns_iters
 
     def forward(self, views: Sequence[Tensor] | Tensor, generator: torch.Generator | None = None) -> Tensor:
         return wmse_loss(
-            views, self.w_size, self.w_iter, self.eps, self.normalize, self.method, generator, self.ns_iters
+            views, self.w_size, self.w_iter, self.eps, self.normalize, self.whitening, generator, self.ns_iters
         )
 
     def extra_repr(self) -> str:
-        return f"w_size={self.w_size}, w_iter={self.w_iter}, eps={self.eps}, method={self.method!r}"
+        return f"w_size={self.w_size}, w_iter={self.w_iter}, eps={self.eps}, whitening={self.whitening!r}"

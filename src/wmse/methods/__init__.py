@@ -1,13 +1,15 @@
 """Self-supervised methods, one module each, registered by name in :data:`METHODS`.
 
-Adding a method: a module here (or anywhere) with a :class:`Method` subclass decorated with
-``@METHODS.register("name")``; its config fields go in its nested ``Options`` dataclass. Nothing else
-changes: the config, the CLI, the training loop and multi-process training read the registry.
+Adding a method: a module here (or anywhere) with a :class:`Method` subclass (or :class:`EmbeddingMethod`, for
+a loss of the embeddings alone) decorated with ``@METHODS.register("name")``; its config fields are declared
+once, in its nested ``Options`` dataclass. Nothing else changes: the config, the CLI, the training loop and
+multi-process training read the registry.
 """
 
 from typing import TYPE_CHECKING
 
-from .base import METHODS, ONE_PROCESS, Method, ProcessContext, check_views, step_generator, view_pairs
+from .base import (METHODS, ONE_PROCESS, EmbeddingMethod, Method, ProcessContext, check_views, mean_over_pairs,
+                   step_generator, view_pairs)
 
 # Imported in the order users see the methods listed (the registry keeps registration order).
 from .wmse import WMSE  # isort: skip
@@ -22,9 +24,9 @@ from .barlow_twins import BarlowTwins  # isort: skip
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["METHODS", "Method", "ProcessContext", "ONE_PROCESS", "WMSE", "Contrastive", "BYOL", "CWRGP", "INTL", "ShuffledDBN",
-           "VICReg", "BarlowTwins", "build_method", "byol_tau", "check_views", "mean_over_pairs", "step_generator",
-           "view_pairs"]
+__all__ = ["METHODS", "Method", "EmbeddingMethod", "ProcessContext", "ONE_PROCESS", "WMSE", "Contrastive", "BYOL",
+           "CWRGP", "INTL", "ShuffledDBN", "VICReg", "BarlowTwins", "build_method", "byol_tau", "check_views",
+           "mean_over_pairs", "step_generator", "view_pairs"]
 
 
 def build_method(cfg: "Config", in_channels: int) -> Method:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..checks import check_min
 from ..losses import barlow_twins_loss
@@ -36,20 +36,14 @@ class BarlowTwins(EmbeddingMethod):
 
     @dataclass(frozen=True)
     class Options:
-        lambd: float = 0.0051  # weight of the off-diagonal terms (their --lambd)
+        barlow_lambd: float = 0.0051  # weight of the off-diagonal terms (their --lambd)
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, lambd: float = 0.0051) -> None:
-        super().__init__(backbone, head)
-        self.lambd = lambd
-
-    @classmethod
-    def from_config(cls, cfg: Config, backbone: nn.Module) -> BarlowTwins:
-        return cls(backbone, cls.default_head(cfg, backbone), cfg.lambd)
+    renamed_fields = {"lambd": "barlow_lambd"}
 
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
-        check_min("lambd", cfg.lambd, 0.0)
+        check_min("barlow_lambd", cfg.barlow_lambd, 0.0)
 
     def embedding_loss(self, z, generator=None) -> Tensor:
-        return mean_over_pairs(partial(barlow_twins_loss, lambd=self.lambd), z)
+        return mean_over_pairs(partial(barlow_twins_loss, lambd=self.barlow_lambd), z)
 

@@ -10,11 +10,12 @@ views into a scalar loss. The training loop calls, per step, in one process or u
 and evaluation calls ``method.features(images)`` (backbone output, no head) on frozen weights.
 
 A method is one class in one module, registered by name (``@METHODS.register("name")``). It declares
-its own config fields in a nested ``Options`` dataclass (they become ``--field`` on the command line and
-``cfg.field`` in code), checks them in :meth:`Method.validate_config`, builds itself from a config in
-:meth:`Method.from_config`, and owns its multi-process behaviour: what its :meth:`Method.loss` gathers with
-``ctx.gather`` (the identity in one process), :meth:`Method.check_processes` (how a batch may be split) and
-``sync_bn_modules`` (which submodules SyncBatchNorm converts).
+its own config fields once, in a nested ``Options`` dataclass, each name carrying the method's prefix (they
+become ``--field`` on the command line, ``cfg.field`` in the config, keyword arguments of the constructor
+with the same defaults, and attributes ``self.field``); it checks them in :meth:`Method.validate_config`, is
+built from a config by the generic :meth:`Method.from_config`, and owns its multi-process behaviour: what its
+:meth:`Method.loss` gathers with ``ctx.gather`` (the identity in one process), :meth:`Method.check_processes`
+(how a batch may be split) and ``sync_bn_modules`` (which submodules SyncBatchNorm converts).
 
 All views go through the networks as one concatenated batch of K = N*d images. The official code runs
 the encoder once per view, so its BatchNorm statistics are per view; here they are over all K images:
@@ -24,6 +25,7 @@ estimate the same moments, from d times more samples.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -118,23 +120,55 @@ class Method(nn.Module):
     title: ClassVar[str] = ""  # how `wmse presets` and the README name the method
     citation: ClassVar[str] = ""  # the paper that defines it
 
+    # Run fields (not the method's own) its constructor takes, by the same name: from_config passes them.
+    run_fields: ClassVar[tuple[str, ...]] = ()
+    # Former names of its fields, {old: new}: config.json files and checkpoints that use them still load.
+    renamed_fields: ClassVar[dict[str, str]] = {}
+    # The default head ends with BatchNorm1d(emb) (the official Contrastive baseline's head).
+    head_bn_last: ClassVar[bool] = False
     # Submodules whose BatchNorm layers become SyncBatchNorm with --sync_bn (the backbone's stay per rank).
     sync_bn_modules: ClassVar[tuple[str, ...]] = ("head",)
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, **options: Any) -> None:
+        """``options``: fields of :class:`Options` by name; the others take its defaults. Each becomes an
+        attribute (``self.w_size``). An unknown name raises TypeError listing the method's fields."""
         super().__init__()
         self.backbone = backbone
         self.head = head
+        names = [f.name for f in dataclasses.fields(self.Options)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            hints = [f"{n!r} (now {self.renamed_fields[n]!r})" if n in self.renamed_fields else repr(n)
+                     for n in unknown]
+            raise TypeError(f"{type(self).__name__} has no option{'s' * (len(hints) > 1)} {', '.join(hints)}; "
+                            f"its options: {', '.join(names) or 'none'}")
+        chosen = self.Options(**options)
+        for name in names:
+            setattr(self, name, getattr(chosen, name))
+
+    def options(self) -> Any:
+        """The method's field values, as its :class:`Options`."""
+        return self.Options(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self.Options)})
 
     # ------------------------------------------------------------------ construction from a config
 
     @classmethod
     def from_config(cls, cfg: Config, backbone: nn.Module) -> Method:
-        """The method with fresh weights around ``backbone``; the default head is Linear-BN-ReLU-Linear."""
-        return cls(backbone, cls.default_head(cfg, backbone))
+        """The method with fresh weights around ``backbone`` (head: :meth:`default_head`), its fields and
+        ``run_fields`` taken from ``cfg``."""
+        return cls(backbone, cls.default_head(cfg, backbone), **cls.config_arguments(cfg))
 
-    @staticmethod
-    def default_head(cfg: Config, backbone: nn.Module, bn_last: bool = False) -> nn.Module:
+    @classmethod
+    def config_arguments(cls, cfg: Config) -> dict[str, Any]:
+        """The constructor's keyword arguments from ``cfg``: every field of ``Options`` and of ``run_fields``."""
+        names = [f.name for f in dataclasses.fields(cls.Options)] + list(cls.run_fields)
+        return {name: getattr(cfg, name) for name in names}
+
+    @classmethod
+    def default_head(cls, cfg: Config, backbone: nn.Module, bn_last: bool | None = None) -> nn.Module:
+        """Linear-BN-ReLU-Linear (``cfg.head_layers`` Linear layers), BatchNorm1d last when ``bn_last``
+        (default: the class's ``head_bn_last``)."""
+        bn_last = cls.head_bn_last if bn_last is None else bn_last
         return ProjectionHead(backbone.out_dim, cfg.head_hidden, cfg.emb, bn_last=bn_last, layers=cfg.head_layers)
 
     @classmethod

@@ -7,7 +7,7 @@ import copy
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -46,32 +46,34 @@ class BYOL(Method):
 
     @dataclass(frozen=True)
     class Options:
-        tau: float = 0.99  # initial EMA rate of the target (official --byol_tau)
-        predictor_hidden: int = 1024  # predictor hidden width (official: head_size)
+        byol_tau: float = 0.99  # initial EMA rate of the target (official --byol_tau)
+        byol_predictor_hidden: int = 1024  # the predictor's hidden width when built here (official: head_size)
 
+    renamed_fields = {"tau": "byol_tau", "predictor_hidden": "byol_predictor_hidden"}
     sync_bn_modules = ("head", "predictor", "target_head")
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, predictor: nn.Module, tau: float = 0.99) -> None:
-        super().__init__(backbone, head)
-        if not 0.0 <= tau <= 1.0:
-            raise ValueError(f"tau (BYOL's initial EMA rate) must be in [0, 1], got {tau}")
+    def __init__(self, backbone: nn.Module, head: nn.Module, predictor: nn.Module | None = None,
+                 **options: Any) -> None:
+        """``predictor`` None: a :class:`ProjectionHead` ``head.out_dim -> byol_predictor_hidden -> head.out_dim``."""
+        super().__init__(backbone, head, **options)
+        if not 0.0 <= self.byol_tau <= 1.0:
+            raise ValueError(f"byol_tau (BYOL's initial EMA rate) must be in [0, 1], got {self.byol_tau}")
+        if predictor is None:  # after the head: the order of the random inits
+            emb = getattr(head, "out_dim", None)
+            if emb is None:
+                raise ValueError("BYOL: pass predictor=... (this head has no out_dim to size one by)")
+            predictor = ProjectionHead(emb, self.byol_predictor_hidden, emb)
         self.predictor = predictor
-        self.tau0 = tau
-        self.tau = tau
+        self.tau = self.byol_tau  # the current EMA rate (on_step raises it towards 1)
         self.target_backbone = copy.deepcopy(backbone)
         self.target_head = copy.deepcopy(head)
         for p in self._target_parameters():
             p.requires_grad_(False)
 
     @classmethod
-    def from_config(cls, cfg: Config, backbone: nn.Module) -> BYOL:
-        head = cls.default_head(cfg, backbone)  # before the predictor: the order of the random inits
-        return cls(backbone, head, ProjectionHead(cfg.emb, cfg.predictor_hidden, cfg.emb), cfg.tau)
-
-    @classmethod
     def validate_config(cls, cfg: Config) -> None:
-        check_range("tau", cfg.tau, 0.0, 1.0)
-        check_min("predictor_hidden", cfg.predictor_hidden, 1)
+        check_range("byol_tau", cfg.byol_tau, 0.0, 1.0)
+        check_min("byol_predictor_hidden", cfg.byol_predictor_hidden, 1)
 
     def _target_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.target_backbone.parameters()
@@ -96,6 +98,6 @@ class BYOL(Method):
             t.lerp_(s, 1.0 - tau)  # t + (1 - tau) * (s - t)
 
     def on_step(self, step: int, total_steps: int) -> None:
-        """EMA update with tau = 1 - (1 - tau0) * (cos(pi * step / total_steps) + 1) / 2."""
-        self.tau = byol_tau(step, total_steps, self.tau0)
+        """EMA update with tau = 1 - (1 - byol_tau) * (cos(pi * step / total_steps) + 1) / 2."""
+        self.tau = byol_tau(step, total_steps, self.byol_tau)
         self.update_target(self.tau)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -31,28 +31,27 @@ class Contrastive(Method):
 
     @dataclass(frozen=True)
     class Options:
-        temperature: float = 0.5  # NT-Xent temperature (official --tau)
+        contrastive_temperature: float = 0.5  # NT-Xent temperature (official --tau)
 
-    def __init__(
-        self, backbone: nn.Module, head: nn.Module, temperature: float = 0.5, normalize: bool = True
-    ) -> None:
-        super().__init__(backbone, head)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature, self.normalize = temperature, normalize
+    run_fields = ("normalize",)
+    renamed_fields = {"temperature": "contrastive_temperature"}
+    head_bn_last = True
 
-    @classmethod
-    def from_config(cls, cfg: Config, backbone: nn.Module) -> Contrastive:
-        return cls(backbone, cls.default_head(cfg, backbone, bn_last=True), cfg.temperature, cfg.normalize)
+    def __init__(self, backbone: nn.Module, head: nn.Module, normalize: bool = True, **options: Any) -> None:
+        super().__init__(backbone, head, **options)
+        if self.contrastive_temperature <= 0:
+            raise ValueError(f"contrastive_temperature must be > 0, got {self.contrastive_temperature}")
+        self.normalize = normalize
 
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
-        if cfg.temperature <= 0:
-            raise ValueError(f"field 'temperature' must be > 0, got {cfg.temperature}")
+        if cfg.contrastive_temperature <= 0:
+            raise ValueError(f"field 'contrastive_temperature' must be > 0, got {cfg.contrastive_temperature}")
 
     def _pair_loss(self, z: Sequence[Tensor], anchors: slice | None = None) -> Tensor:
         pairs = view_pairs(len(z))
-        total = sum(nt_xent_loss(z[i], z[j], self.temperature, self.normalize, anchors=anchors) for i, j in pairs)
+        t = self.contrastive_temperature
+        total = sum(nt_xent_loss(z[i], z[j], t, self.normalize, anchors=anchors) for i, j in pairs)
         return total / len(pairs)
 
     def loss(self, views: Sequence[Tensor], ctx: ProcessContext = ONE_PROCESS) -> Tensor:

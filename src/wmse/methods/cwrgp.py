@@ -5,13 +5,14 @@ random group partitions of the embedding channels, normalised MSE between views;
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
 from ..checks import check_min
 from ..losses import cwrgp_loss
 from .base import METHODS, EmbeddingMethod
+from .wmse import SliceOptions
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -29,22 +30,14 @@ class CWRGP(EmbeddingMethod):
                 ' "An Investigation into Whitening Loss for Self-supervised Learning", NeurIPS 2022')
 
     @dataclass(frozen=True)
-    class Options:
-        # w_size, w_iter and w_eps are W-MSE's fields (same meaning: images per slice, repetitions, shrinkage)
-        w_size: int = 128
-        w_iter: int = 1
-        w_eps: float = 0.0
+    class Options(SliceOptions):  # W-MSE's w_size, w_iter and w_eps (same meaning), and its own:
         cw_groups: int = 4  # channel groups whitened separately (their CIFAR runs: 4 of D = 512)
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, w_size: int = 64, groups: int = 4, w_iter: int = 1,
-                 eps: float = 0.0, normalize: bool = True) -> None:
-        super().__init__(backbone, head)
-        self.w_size, self.groups, self.w_iter, self.eps, self.normalize = w_size, groups, w_iter, eps, normalize
+    run_fields = ("normalize",)
 
-    @classmethod
-    def from_config(cls, cfg: Config, backbone: nn.Module) -> CWRGP:
-        return cls(backbone, cls.default_head(cfg, backbone), cfg.w_size, cfg.cw_groups, cfg.w_iter, cfg.w_eps,
-                   cfg.normalize)
+    def __init__(self, backbone: nn.Module, head: nn.Module, normalize: bool = True, **options: Any) -> None:
+        super().__init__(backbone, head, **options)
+        self.normalize = normalize
 
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
@@ -67,5 +60,5 @@ class CWRGP(EmbeddingMethod):
                              f"({cfg.w_size}): each process whitens its own slices")
 
     def embedding_loss(self, z, generator=None) -> Tensor:
-        return cwrgp_loss(z, self.w_size, self.groups, self.w_iter, self.eps, self.normalize, generator=generator)
+        return cwrgp_loss(z, self.w_size, self.cw_groups, self.w_iter, self.w_eps, self.normalize, generator=generator)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Optional
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..checks import check_min
 from ..losses import dbn_loss
@@ -34,14 +34,6 @@ class ShuffledDBN(EmbeddingMethod):
     class Options:
         dbn_groups: Optional[int] = 16  # channel groups (their configs: 16); none: ceil(2 * emb / batch)
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, groups: int | None = 16) -> None:
-        super().__init__(backbone, head)
-        self.groups = groups
-
-    @classmethod
-    def from_config(cls, cfg: Config, backbone: nn.Module) -> ShuffledDBN:
-        return cls(backbone, cls.default_head(cfg, backbone), cfg.dbn_groups)
-
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
         check_min("dbn_groups", cfg.dbn_groups, 1)
@@ -52,5 +44,5 @@ class ShuffledDBN(EmbeddingMethod):
                              f"({cfg.batch_size})")
 
     def embedding_loss(self, z, generator=None) -> Tensor:
-        return mean_over_pairs(partial(dbn_loss, num_groups=self.groups, generator=generator), z)
+        return mean_over_pairs(partial(dbn_loss, num_groups=self.dbn_groups, generator=generator), z)
 

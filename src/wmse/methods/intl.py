@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..checks import check_min
 from ..losses import intl_loss
@@ -34,19 +34,10 @@ class INTL(EmbeddingMethod):
         intl_iters: int = 4  # IterNorm iterations (their --iters)
         intl_trade_off: Optional[float] = None  # trace-loss weight; none: 0.01 * (log2(batch_size) - 3)
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, iterations: int = 4,
-                 trade_off: float | None = None) -> None:
-        super().__init__(backbone, head)
-        self.iterations, self.trade_off = iterations, trade_off
-
-    @classmethod
-    def from_config(cls, cfg: Config, backbone: nn.Module) -> INTL:
-        return cls(backbone, cls.default_head(cfg, backbone), cfg.intl_iters, cfg.intl_trade_off)
-
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
         check_min("intl_iters", cfg.intl_iters, 1)
         check_min("intl_trade_off", cfg.intl_trade_off, 0.0)
 
     def embedding_loss(self, z, generator=None) -> Tensor:
-        return intl_loss(z, self.iterations, self.trade_off)
+        return intl_loss(z, self.intl_iters, self.intl_trade_off)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..checks import check_min
 from ..losses import vicreg_loss
@@ -36,24 +36,20 @@ class VICReg(EmbeddingMethod):
 
     @dataclass(frozen=True)
     class Options:
-        sim_weight: float = 25.0  # invariance (MSE) coefficient (their --sim-coeff)
-        var_weight: float = 25.0  # variance hinge coefficient (--std-coeff)
-        cov_weight: float = 1.0  # covariance coefficient (--cov-coeff)
+        vicreg_sim_weight: float = 25.0  # invariance (MSE) coefficient (their --sim-coeff)
+        vicreg_var_weight: float = 25.0  # variance hinge coefficient (--std-coeff)
+        vicreg_cov_weight: float = 1.0  # covariance coefficient (--cov-coeff)
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, sim_weight: float = 25.0, var_weight: float = 25.0,
-                 cov_weight: float = 1.0) -> None:
-        super().__init__(backbone, head)
-        self.weights = dict(sim_weight=sim_weight, var_weight=var_weight, cov_weight=cov_weight)
-
-    @classmethod
-    def from_config(cls, cfg: Config, backbone: nn.Module) -> VICReg:
-        return cls(backbone, cls.default_head(cfg, backbone), cfg.sim_weight, cfg.var_weight, cfg.cov_weight)
+    renamed_fields = {"sim_weight": "vicreg_sim_weight", "var_weight": "vicreg_var_weight",
+                      "cov_weight": "vicreg_cov_weight"}
 
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
-        for name in ("sim_weight", "var_weight", "cov_weight"):
+        for name in ("vicreg_sim_weight", "vicreg_var_weight", "vicreg_cov_weight"):
             check_min(name, getattr(cfg, name), 0.0)
 
     def embedding_loss(self, z, generator=None) -> Tensor:
-        return mean_over_pairs(partial(vicreg_loss, **self.weights), z)
+        weights = dict(sim_weight=self.vicreg_sim_weight, var_weight=self.vicreg_var_weight,
+                       cov_weight=self.vicreg_cov_weight)
+        return mean_over_pairs(partial(vicreg_loss, **weights), z)
 

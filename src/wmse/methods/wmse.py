@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_choice, check_min
+from ..checks import check_min
 from ..losses import wmse_loss
 from ..whitening import WHITENINGS
 from .base import METHODS, EmbeddingMethod
@@ -18,7 +18,16 @@ from .base import METHODS, EmbeddingMethod
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["WMSE"]
+__all__ = ["WMSE", "SliceOptions"]
+
+
+@dataclass(frozen=True)
+class SliceOptions:
+    """The fields of a method that whitens random slices of ``w_size`` images (W-MSE, CW-RGP)."""
+
+    w_size: int = 128  # images per whitening slice
+    w_iter: int = 1  # repetitions of random slicing per step
+    w_eps: float = 0.0  # covariance shrinkage towards identity
 
 
 @METHODS.register("wmse")
@@ -34,44 +43,33 @@ class WMSE(EmbeddingMethod):
                 ' "Whitening for Self-Supervised Representation Learning", ICML 2021')
 
     @dataclass(frozen=True)
-    class Options:
-        w_size: int = 128  # images per whitening slice
-        w_iter: int = 1  # repetitions of random slicing per step
-        w_eps: float = 0.0  # covariance shrinkage towards identity
-        whitening: str = "cholesky"  # a name of wmse.whitening.WHITENINGS: cholesky (paper) | zca | newton_schulz
-        whiten_global: bool = False  # DDP: whiten the gathered global batch instead of per-process slices
+    class Options(SliceOptions):
+        w_whitening: str = "cholesky"  # a name of wmse.whitening.WHITENINGS: cholesky (paper) | zca | newton_schulz
+        w_global: bool = False  # DDP: whiten the gathered global batch instead of per-process slices
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        head: nn.Module,
-        n_views: int = 2,
-        w_size: int = 128,
-        w_iter: int = 1,
-        eps: float = 0.0,
-        normalize: bool = True,
-        whitening: str = "cholesky",
-        whiten_global: bool = False,
-    ) -> None:
-        super().__init__(backbone, head)
+    run_fields = ("n_views", "normalize")
+    renamed_fields = {"whitening": "w_whitening", "whiten_global": "w_global"}
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, n_views: int = 2, normalize: bool = True,
+                 **options: Any) -> None:
+        super().__init__(backbone, head, **options)
         if n_views < 2:
             raise ValueError(f"n_views must be >= 2 (W-MSE compares views of one image), got {n_views}")
-        if w_iter < 1:
-            raise ValueError(f"w_iter must be >= 1, got {w_iter}")
-        self.n_views, self.w_size, self.w_iter = n_views, w_size, w_iter
-        self.eps, self.normalize, self.whitening = eps, normalize, whitening
-        # Under DDP: slices of the gathered global batch from one shared permutation (the single-process loss
-        # of the whole batch), or, by default, per-process slices of the local images.
-        self.gather = whiten_global
+        if self.w_iter < 1:
+            raise ValueError(f"w_iter must be >= 1, got {self.w_iter}")
+        self.n_views, self.normalize = n_views, normalize
 
-    @classmethod
-    def from_config(cls, cfg: Config, backbone: nn.Module) -> WMSE:
-        return cls(backbone, cls.default_head(cfg, backbone), cfg.n_views, cfg.w_size, cfg.w_iter, cfg.w_eps,
-                   cfg.normalize, cfg.whitening, cfg.whiten_global)
+    @property
+    def gather(self) -> bool:  # type: ignore[override]
+        """Under DDP: slices of the gathered global batch from one shared permutation (the single-process loss
+        of the whole batch) with ``w_global``, else (the default) per-process slices of the local images."""
+        return self.w_global
 
     @classmethod
     def validate_config(cls, cfg: Config) -> None:
-        check_choice("whitening", cfg.whitening, WHITENINGS.names())
+        if cfg.w_whitening not in WHITENINGS.names():
+            raise ValueError(f"field 'w_whitening': unknown whitening {cfg.w_whitening!r}; "
+                             f"choose one of {', '.join(WHITENINGS.names())}")
         if cfg.w_size > cfg.batch_size:
             raise ValueError(
                 f"w_size ({cfg.w_size}) is larger than batch_size ({cfg.batch_size}); "
@@ -94,11 +92,11 @@ class WMSE(EmbeddingMethod):
     @classmethod
     def check_processes(cls, cfg: Config, world_size: int) -> None:
         local = cfg.batch_size // world_size
-        if not cfg.whiten_global and local % cfg.w_size:
+        if not cfg.w_global and local % cfg.w_size:
             raise ValueError(
                 f"per-process batch batch_size/nproc = {cfg.batch_size}/{world_size} = {local} is not a multiple "
                 f"of w_size ({cfg.w_size}): each process whitens its own slices. Use batch_size = nproc * k * "
-                f"w_size (e.g. {world_size * cfg.w_size}), a smaller w_size, or --whiten_global true to whiten "
+                f"w_size (e.g. {world_size * cfg.w_size}), a smaller w_size, or --w_global true to whiten "
                 "the gathered global batch"
             )
 
@@ -120,6 +118,6 @@ class WMSE(EmbeddingMethod):
         ``generator`` draws the slice permutations (None: the global RNG).
         """
         views = emb if isinstance(emb, Tensor) else list(emb)
-        return wmse_loss(views, self.w_size, self.w_iter, self.eps, self.normalize, self.whitening, generator)
+        return wmse_loss(views, self.w_size, self.w_iter, self.w_eps, self.normalize, self.w_whitening, generator)
 
     embedding_loss = loss_from_embeddings
