@@ -308,13 +308,13 @@ def test_a_diverged_run_without_a_checkpoint_exits_1_and_says_so(tiny_folder, tm
 @pytest.fixture
 def huge_loss_method():
     """W-MSE plus sqrt(0): the loss is finite, its gradient is not, so the update makes the weights non-finite."""
-    from wmse.methods import METHODS, WMSE
+    from wmse.methods import METHODS, ONE_PROCESS, WMSE
 
     @METHODS.register("wmse_huge")
     class Huge(WMSE):
-        def loss(self, views):
+        def loss(self, views, ctx=ONE_PROCESS):
             w = next(self.parameters())
-            return super().loss(views) + (w - w.detach()).sum().sqrt()  # value 0, gradient infinite
+            return super().loss(views, ctx) + (w - w.detach()).sum().sqrt()  # value 0, gradient infinite
 
     yield Huge
     METHODS.remove("wmse_huge")
