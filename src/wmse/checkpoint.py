@@ -44,6 +44,7 @@ class Checkpoint:
     mean: tuple[float, ...] | None = None  # the training normalisation, so evaluation normalises alike
     std: tuple[float, ...] | None = None
     initial_method: dict | None = None  # random-init weights (runs with a final evaluation)
+    data: dict | None = None  # the data fingerprint (wmse.fingerprint); None in checkpoints of earlier versions
 
     @property
     def world_size(self) -> int:
@@ -73,6 +74,8 @@ def write_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     }
     if ckpt.initial_method is not None:
         data["initial_method"] = ckpt.initial_method
+    if ckpt.data is not None:
+        data["data"] = ckpt.data
     return save_atomic(data, Path(path))
 
 
@@ -91,7 +94,7 @@ def read_checkpoint(run_or_checkpoint: str | Path, map_location: str | torch.dev
         epoch=int(data["epoch"]), batch=int(data["batch"]), step=int(data["step"]),
         rng_ranks=data.get("rng_ranks") or [data["rng"]], nonfinite_total=int(data.get("nonfinite_total", 0)),
         train_seconds=float(data.get("train_seconds", 0.0)), mean=tuple(mean) if mean else None,
-        std=tuple(std) if std else None, initial_method=data.get("initial_method"),
+        std=tuple(std) if std else None, initial_method=data.get("initial_method"), data=data.get("data"),
     )
 
 
@@ -129,7 +132,8 @@ def resolve_checkpoint(run_or_ckpt: str | Path) -> Path:
     if p.is_dir():
         candidate = p / "checkpoints" / "last.pt"
         if not candidate.is_file():
-            raise FileNotFoundError(f"no checkpoint in run directory {p} (expected {candidate})")
+            raise FileNotFoundError(f"no checkpoint in run directory {p} (expected {candidate}): the run stopped "
+                                    "before its first checkpoint, so there is nothing to resume; start it anew")
         return candidate
     return p
 

@@ -1,7 +1,7 @@
 """The `wmse` command: pretrain | presets | evaluate | embed | report | compare.
 
-Exit statuses (wmse.errors): 0 done; 1 training stopped because the loss stayed non-finite (the last
-finite checkpoint is kept); 2 an error the user can fix (command line, config, data, a file that cannot be
+Exit statuses (wmse.errors): 0 done; 1 training diverged: the loss stayed non-finite, or the run ended in a
+non-finite state that has no checkpoint (the last finite checkpoint is kept); 2 an error the user can fix (command line, config, data, a file that cannot be
 read or written, a full disk, a run directory in use), printed as one line on stderr without a
 traceback; 75 stopped by SIGINT/SIGTERM after saving a checkpoint (``--resume`` continues it); 76 a process
 of a multi-process run was lost (killed; the last checkpoint is kept); 130 a second Ctrl-C (stopped at once).
@@ -105,7 +105,7 @@ def cmd_pretrain(args, extra: list[str]) -> int:
         if planned is None:  # finished: the note is printed
             return EXIT_OK
         cfg, resume = planned
-    pretrain(cfg, resume=resume)
+    pretrain(cfg, resume=resume, allow_data_change=args.allow_data_change)
     return EXIT_OK
 
 
@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_restarts", "--max-restarts", dest="max_restarts", type=int, default=0,
                    help="with --nproc: restart the process group this many times after a process died "
                         "(needs --auto_resume or --resume)")
+    p.add_argument("--allow_data_change", "--allow-data-change", action="store_true",
+                   help="with --resume: continue although the data differ from those the run trained on")
     p.set_defaults(func=cmd_pretrain)
     p = sub.add_parser("presets", help="list the presets, or show one with --show NAME")
     p.add_argument("--show", metavar="NAME")

@@ -8,7 +8,8 @@ __all__ = ["TrainingError", "RunStopped", "EXIT_OK", "EXIT_TRAINING_ERROR", "EXI
            "EXIT_INTERRUPTED", "EXIT_WORKER_LOST"]
 
 EXIT_OK = 0  # finished
-EXIT_TRAINING_ERROR = 1  # training cannot go on (the loss stayed non-finite); the last finite checkpoint is kept
+EXIT_TRAINING_ERROR = 1  # diverged: the loss stayed non-finite, or the run ended in a non-finite state that has no
+#                          checkpoint; the last finite checkpoint (if any) is kept
 EXIT_USAGE = 2  # an error the user can fix: command line, config, data, files, disk
 EXIT_STOPPED = 75  # stopped by SIGINT/SIGTERM after saving a checkpoint: resumable (sysexits' EX_TEMPFAIL)
 EXIT_WORKER_LOST = 76  # a process of a multi-process run died (SIGKILL, out of memory, a lost machine): resumable
@@ -16,7 +17,8 @@ EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once, without a checkpoint
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss stayed non-finite); the message says why and what to try."""
+    """Training diverged (the loss stayed non-finite, or the run ended in a non-finite state it cannot save);
+    the message says why, which checkpoint exists, and what to try."""
 
 
 class RunStopped(Exception):

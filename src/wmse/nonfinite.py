@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # the loop's types; this module never imports the loop
     from .train import Job, TrainState
 
 __all__ = ["BufferGuard", "DeviceFlags", "StepGuard", "HostSkip", "DeviceSkip", "step_guard", "divergence_message",
-           "state_is_finite"]
+           "kept_checkpoint", "state_is_finite", "finite_flag"]
 
 
 class BufferGuard:
@@ -124,6 +124,8 @@ class HostSkip(StepGuard):
         return math.isfinite(self.loss_value)
 
     def settle(self, job: Job, state: TrainState, ok: bool) -> None:
+        if ok and not state_is_finite(job.method):  # a finite loss whose update overflowed the weights
+            ok = False
         if ok:
             state.nonfinite_run = 0
             return
@@ -156,6 +158,7 @@ class DeviceSkip(StepGuard):
         optimizer.found_inf = (~ok).float()  # fused Adam leaves parameters, moments and step count as they were
 
     def settle(self, job: Job, state: TrainState, ok: torch.Tensor) -> None:
+        ok = ok & finite_flag(job.method)  # a finite loss whose update overflowed the weights: non-finite too
         self.buffers.restore_unless(ok)
         self.flags.update(ok, state.step + 1, job.cfg.nonfinite_limit)
 
@@ -196,13 +199,24 @@ def divergence_message(job: Job, state: TrainState, step: int) -> str:
     causes += METHODS[cfg.method].nonfinite_hints(cfg)
     if cfg.precision == "bf16":
         causes.append("bf16 rounding (try --precision fp32)")
-    kept = (f"the last finite checkpoint (step {state.checkpoint_step}) is kept in {job.run_dir / 'checkpoints'}"
-            if state.checkpoint_step is not None else "no checkpoint was written")
-    return (f"loss was non-finite for {state.nonfinite_run} steps in a row (step {step}); {kept}. "
+    return (f"loss was non-finite for {state.nonfinite_run} steps in a row (step {step}); "
+            f"{kept_checkpoint(job, state)}. "
             f"Likely causes: {'; '.join(causes)}")
 
 
+def kept_checkpoint(job: Job, state: TrainState) -> str:
+    """Which checkpoint exists, in words: the last finite one, or none."""
+    if state.checkpoint_step is None:
+        return "no checkpoint was written"
+    return f"the last finite checkpoint (step {state.checkpoint_step}) is kept in {job.run_dir / 'checkpoints'}"
+
+
+def finite_flag(method: Method) -> torch.Tensor:
+    """Whether every floating-point parameter and buffer of ``method`` is finite, as one device bool."""
+    return torch.stack([torch.isfinite(t).all() for t in (*method.parameters(), *method.buffers())
+                        if t.is_floating_point()]).all()
+
+
 def state_is_finite(method: Method) -> bool:
-    """Whether every floating-point parameter and buffer of ``method`` is finite (one host read each)."""
-    return all(bool(torch.isfinite(t).all()) for t in (*method.parameters(), *method.buffers())
-               if t.is_floating_point())
+    """Whether every floating-point parameter and buffer of ``method`` is finite (one host read)."""
+    return bool(finite_flag(method))

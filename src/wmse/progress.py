@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -71,35 +72,77 @@ class MetricsLog:
         ``mirrors``: objects with ``write(record)`` and ``close()`` that get every record too (wmse.loggers)."""
         self.mirrors = list(mirrors or [])
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb_dir = Path(run_dir) / "tb"
         self.file = self.path.open("a")
         self.tb = None
+        self.failed = False  # a write failed (and raised): closing stays quiet about the same fault
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge_step)
+                _quiet_tensorboard_thread()
+                self.tb = SummaryWriter(str(self.tb_dir), purge_step=purge_step)
             except ImportError:  # tensorboard is a dependency, but a stripped install should still train
                 print("note: tensorboard not installed; metrics go to metrics.jsonl only", file=sys.stderr)
 
     def write(self, kind: str, step: int, **values: Any) -> None:
+        """One record; a failed write (a full disk) raises OSError naming the file (or the tb folder)."""
         record = {"kind": kind, "step": step, **values}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as err:
+            self.failed = True
+            raise _naming(err, self.path) from err
         for mirror in self.mirrors:
             mirror.write(record)
         if self.tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and key not in ("epoch",):
-                    self.tb.add_scalar(f"{kind}/{key}", value, step)
+            try:
+                for key, value in values.items():
+                    if isinstance(value, (int, float)) and key not in ("epoch",):
+                        self.tb.add_scalar(f"{kind}/{key}", value, step)
+            except OSError as err:  # the writer thread's failure, raised again by the next write
+                self.failed = True
+                raise _naming(err, self.tb_dir) from err
 
     def close(self) -> None:
         if self.file.closed:
             return
-        self.file.close()
+        for close, where in ((self.file.close, self.path), (self.tb.close if self.tb else None, self.tb_dir)):
+            try:
+                if close is not None:
+                    close()  # flushes what is left: a full disk fails here too
+            except OSError as err:
+                if not self.failed:
+                    print(f"note: metrics not all written to {where}: {err.strerror or err}", file=sys.stderr)
+                self.failed = True
         for mirror in self.mirrors:
             mirror.close()
-        if self.tb is not None:
-            self.tb.close()
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` with ``filename`` set to ``path`` when it names none (so the message says where)."""
+    return err if err.filename else OSError(err.errno, err.strerror or str(err), str(path))
+
+
+_quiet = False
+
+
+def _quiet_tensorboard_thread() -> None:
+    """TensorBoard writes events in a thread; when that write fails (a full disk) the thread prints a traceback
+    and the next ``add_scalar`` raises the same error. Keep the traceback off stderr: the error is reported
+    once, as one line naming the folder, by :meth:`MetricsLog.write`."""
+    global _quiet
+    if _quiet:
+        return
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError):
+            return
+        previous(args)
+
+    threading.excepthook, _quiet = hook, True
 
 
 def read_jsonl(path: str | Path) -> tuple[list[dict], int]:

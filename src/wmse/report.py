@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 from .diagnostics import effective_rank
 from .evaluate import flatten
+from .fileio import remove_orphans, write_atomic, write_text_atomic
 from .progress import read_jsonl
 
 __all__ = ["write_report"]
@@ -52,8 +53,9 @@ def _num(v: object) -> bool:
 
 
 def _save(fig: Figure, path: Path) -> None:
+    """The figure as a PNG, atomically: a full disk leaves the previous file (or none), names ``path``."""
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
@@ -269,6 +271,8 @@ def write_report(run_dir: str | Path, feature_map: bool = True, log=None) -> Pat
                                 "is it a run directory of `wmse pretrain`?")
     out = run / "report"
     out.mkdir(parents=True, exist_ok=True)
+    for folder in (run, out):
+        remove_orphans(folder)  # temporaries of writers that died (safe beside a live one: see fileio)
     by_kind: dict[str, list[dict]] = {}
     for rec in records:
         by_kind.setdefault(str(rec.get("kind")), []).append(rec)
@@ -282,7 +286,7 @@ def write_report(run_dir: str | Path, feature_map: bool = True, log=None) -> Pat
     if feature_map:
         plots["features.png"] = _feature_map(run, out / "features.png", log or _stderr)
     index = out / "index.html"
-    index.write_text(_html(run, config, by_kind, finals, plots, bad))
+    write_text_atomic(index, _html(run, config, by_kind, finals, plots, bad))
     return index
 
 

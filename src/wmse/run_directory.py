@@ -2,7 +2,9 @@
 
 - A new run takes a directory that does not exist yet (``mkdir`` without ``exist_ok``: atomic, so two
   runs started at once cannot both take it). A name the user chose that is taken is an error; a name
-  made from the time stamp gets a ``-2``, ``-3`` ... suffix instead.
+  made from the time stamp gets a ``-2``, ``-3`` ... suffix instead. A directory that holds no run (only
+  the ``.lock`` and empty folders a run killed while loading its data leaves) does not take the name:
+  a new run reuses it once it holds the lock (a live process that holds it still refuses).
 - The process that writes a run holds an exclusive ``flock`` on ``RUN/.lock`` (a new run and
   ``--resume`` alike); a second process is refused with one line. The kernel releases the lock when
   the process dies, kill -9 included, so there are no stale locks.
@@ -29,13 +31,31 @@ __all__ = ["RunDirectory", "LOCK_NAME"]
 LOCK_NAME = ".lock"
 
 
+def _taken(path: Path) -> ValueError:
+    return ValueError(f"run directory {path} already exists: a new run never writes into another run's "
+                      f"directory; pick another --run_name, or continue that run with "
+                      f"`wmse pretrain --resume {path}`")
+
+
+def _holds_no_run(path: Path) -> bool:
+    """Whether ``path`` is a directory with nothing in it but lock files and empty folders (what a run killed
+    before it wrote its config leaves): no file of the user's or of a run is there to lose."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    for p in path.rglob("*"):
+        if p.is_symlink() or not (p.is_dir() or p.name == LOCK_NAME):
+            return False
+    return True
+
+
 class RunDirectory:
     """The directory of one run (see the module docstring). Use :meth:`create` or :meth:`existing`."""
 
-    def __init__(self, path: Path, created: bool, parent_created: bool = False) -> None:
+    def __init__(self, path: Path, created: bool, parent_created: bool = False, reclaimed: bool = False) -> None:
         self.path = Path(path)
         self.created = created  # made by this process: removed again if the run fails before writing
         self.parent_created = parent_created  # --out_dir made for it: removed too when left empty
+        self.reclaimed = reclaimed  # an existing directory that held no run, taken for a new one
         self._lock_fd: int | None = None
 
     # ------------------------------------------------------------------ opening
@@ -51,9 +71,9 @@ class RunDirectory:
             try:
                 path.mkdir()
             except FileExistsError:
-                raise ValueError(f"run directory {path} already exists: a new run never writes into another "
-                                 f"run's directory; pick another --run_name, or continue that run with "
-                                 f"`wmse pretrain --resume {path}`") from None
+                if not _holds_no_run(path):
+                    raise _taken(path) from None
+                return cls(path, created=True, reclaimed=True)  # checked again under the lock
             return cls(path, created=True, parent_created=parent_created)
         stem = f"{default_stem}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
         for i in range(1, 1000):
@@ -88,8 +108,15 @@ class RunDirectory:
             holder = lock_path.read_text().strip() or "?"
             raise ValueError(f"run directory {self.path} is being written by another wmse process (pid {holder}); "
                              "wait for it to finish or stop it first") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        if self.reclaimed and not _holds_no_run(self.path):  # another run took it since the check
+            os.close(fd)
+            raise _taken(self.path)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as err:  # a full disk
+            os.close(fd)
+            raise OSError(err.errno, err.strerror, str(lock_path)) from err
         self._lock_fd = fd
         for folder in (self.path, self.path / "checkpoints"):
             remove_orphans(folder)

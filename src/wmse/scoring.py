@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .augment import eval_transform
+from .augment import check_eval_crop, eval_transform
 from .config import Config
 from .data.loader import ImageView, as_view
 from .diagnostics import embedding_diagnostics, nonfinite_rows
@@ -18,7 +18,7 @@ from .methods import Method
 from .splits import RunData
 
 __all__ = ["make_eval_transform", "encode", "subsample", "knn_monitor", "diagnostics_record", "final_evaluation",
-           "format_final"]
+           "format_final", "check_eval_fits"]
 
 
 def make_eval_transform(cfg: Config, mean, std, device: torch.device, channels_last: bool) -> Callable[[Tensor], Tensor]:
@@ -30,6 +30,15 @@ def make_eval_transform(cfg: Config, mean, std, device: torch.device, channels_l
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     return transform
+
+
+def check_eval_fits(cfg: Config, data: RunData) -> None:
+    """ValueError, before the first step, when the evaluation's centre crop does not fit the images it will be
+    applied to (the periodic kNN, the final evaluation, ``wmse embed`` of the training images)."""
+    size = cfg.eval_size or cfg.image_size
+    for images in (data.train.images, data.eval_train_images, data.eval_test_images):
+        if images is not None:
+            check_eval_crop(size, int(images.shape[2]), int(images.shape[3]), cfg.eval_resize)
 
 
 def encode(method: Method, images: Tensor | ImageView, transform, cfg: Config, device: torch.device,

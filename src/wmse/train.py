@@ -16,6 +16,7 @@ import itertools
 import json
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,16 +30,19 @@ from .checkpoint import Checkpoint, read_checkpoint, restore, rng_state, write_c
 from .config import PRESETS, Config, validate
 from .data.loader import BatchLoader
 from .device import cpu_has_native_bf16
-from .errors import RunStopped
+from .errors import RunStopped, TrainingError
+from .fileio import write_text_atomic
+from .fingerprint import check_resume_data
 from .loggers import check_loggers, open_mirrors
 from .methods import Method, build_method
 from .models import uses_channels_last
-from .nonfinite import StepGuard, state_is_finite, step_guard
+from .nonfinite import StepGuard, kept_checkpoint, state_is_finite, step_guard
 from .optim import DEVICE_SKIP, build_optimizer
 from .progress import MetricsLog, Progress
 from .run_directory import RunDirectory
 from .schedule import lr_factor
-from .scoring import diagnostics_record, final_evaluation, format_final, knn_monitor, make_eval_transform
+from .scoring import (check_eval_fits, diagnostics_record, final_evaluation, format_final, knn_monitor,
+                      make_eval_transform)
 from .seeding import derive_seed
 from .splits import RunData, load_run_data
 from .stopping import StopFlag
@@ -91,6 +95,7 @@ class Job:
     metrics: MetricsLog | None = None  # main rank only
     progress: Progress | None = None
     stop: StopFlag | None = None
+    fingerprint: dict | None = None  # which data the run uses (recorded in its checkpoints)
 
     @property
     def device(self) -> torch.device:
@@ -105,11 +110,12 @@ class Job:
         return self.steps_per_epoch * self.cfg.epochs
 
 
-def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
+def pretrain(cfg: Config, resume: str | Path | None = None, log=None, allow_data_change: bool = False) -> Path:
     """Run (or resume) pretraining; returns the run directory.
 
     ``resume``: a run directory or checkpoint; training continues exactly where it stopped (same batches,
-    augmentations and random slices), in the same run directory.
+    augmentations and random slices), in the same run directory, on the same data (a checkpoint records a
+    fingerprint of it) unless ``allow_data_change``.
 
     Raises:
         ValueError: a setting, the data or the run directory cannot work (nothing is trained).
@@ -137,12 +143,20 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None) -> Path:
             raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training set ({len(data.train)} images)")
         if cfg.image_size is None:  # the images' own side (an image folder without a preset)
             cfg = cfg.replace(image_size=min(data.train.images.shape[2:]))
+        check_eval_fits(cfg, data)  # a crop that cannot fit fails now, not at the first evaluation
+        fingerprint = check_resume_data(ckpt, data, allow_data_change, log)  # on a resume: the same data?
         job = build_job(cfg, rt, data, run.path, log)
+        job.fingerprint = fingerprint
         state = _restore(job, ckpt, resume) if ckpt is not None else TrainState()
         if state.epoch >= cfg.epochs:
+            failed = False
+            if rt.is_main and _final_eval_missing(job):
+                log(f"{run.path} is trained (epoch {state.epoch} of {cfg.epochs}) but its final evaluation is "
+                    "missing: running it now")
+                _final_eval(job, state)
+                return run.path
             log(f"{run.path} is already finished (epoch {state.epoch} of {cfg.epochs}); nothing to do. "
                 "To train longer, resume with a larger --epochs")
-            failed = False
             return run.path
 
         # ============ logging ============
@@ -391,7 +405,7 @@ def save_checkpoint(job: Job, state: TrainState) -> None:
     gathered = distributed.gather_objects((rng_state(job.aug_gen), finite), rt)
     if not all(ok for _, ok in gathered):
         job.log(f"checkpoint not written at step {state.step}: the model is not finite or its last "
-                f"{state.nonfinite_run} losses were not; the previous checkpoint stays")
+                f"{state.nonfinite_run} losses were not; {kept_checkpoint(job, state)}")
         return
     if rt.is_main:
         write_checkpoint(Checkpoint(
@@ -399,7 +413,7 @@ def save_checkpoint(job: Job, state: TrainState) -> None:
             optimizer=job.optimizer.state_dict(), epoch=state.epoch, batch=state.batch, step=state.step,
             rng_ranks=[rng for rng, _ in gathered], nonfinite_total=state.nonfinite_total,
             train_seconds=state.train_seconds(), mean=tuple(job.data.mean), std=tuple(job.data.std),
-            initial_method=job.initial_state), job.run_dir / "checkpoints" / "last.pt")
+            initial_method=job.initial_state, data=job.fingerprint), job.run_dir / "checkpoints" / "last.pt")
     distributed.barrier(rt)  # the other ranks wait until rank 0 has written it
     state.checkpoint_step = state.step
     if job.stop is not None:
@@ -428,13 +442,43 @@ def finish(job: Job, state: TrainState) -> None:
     if fallbacks and rt.is_main:
         log(f"whitening: {fallbacks} slice covariances needed jitter during this run")
     distributed.barrier(rt)  # all checkpoints written; rank 0 alone goes on to the final evaluation
+    if state.checkpoint_step != state.step:  # the last save was refused: the model or its last losses diverged
+        raise TrainingError(f"the run ended at step {state.step} with a non-finite model or loss "
+                            f"({state.nonfinite_total} non-finite steps skipped), so that state is not saved; "
+                            f"{kept_checkpoint(job, state)}. Try a smaller --lr or a longer --warmup_iters")
     if state.stop_reason == "signal":
         raise RunStopped(job.run_dir, state.step, signal.Signals(job.stop.signal).name)
     if state.stop_reason is not None:
         log(f"stopped at step {state.step} ({state.stop_reason}); continue with: wmse pretrain --resume {job.run_dir}")
     elif cfg.final_eval and rt.is_main and job.data.labelled:
-        results = final_evaluation(job.method, job.initial_state, job.data, cfg, job.device, job.transform, log)
-        (job.run_dir / "final_eval.json").write_text(json.dumps({"note": job.data.note, **results}, indent=2))
-        print(format_final(results, job.data.note))
-        for mirror in job.metrics.mirrors:
-            mirror.final(results, job.data.note)
+        _final_eval(job, state)
+
+
+def _final_eval_missing(job: Job) -> bool:
+    """Whether the run wants a final evaluation and has no readable RUN/final_eval.json."""
+    if not (job.cfg.final_eval and job.data.labelled):
+        return False
+    try:
+        return not isinstance(json.loads((job.run_dir / "final_eval.json").read_text()), dict)
+    except (OSError, ValueError):
+        return True
+
+
+def _final_eval(job: Job, state: TrainState) -> None:
+    """The final comparison with the random init -> RUN/final_eval.json (atomic) and the table on stdout.
+    SIGINT/SIGTERM stop it at once (RunStopped): the checkpoint is saved and ``--resume`` runs it again."""
+    def stop(signum, frame):
+        raise RunStopped(job.run_dir, state.step, signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} if \
+        threading.current_thread() is threading.main_thread() else {}
+    try:
+        results = final_evaluation(job.method, job.initial_state, job.data, job.cfg, job.device, job.transform,
+                                   job.log)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    write_text_atomic(job.run_dir / "final_eval.json", json.dumps({"note": job.data.note, **results}, indent=2))
+    print(format_final(results, job.data.note))
+    for mirror in job.metrics.mirrors:
+        mirror.final(results, job.data.note)

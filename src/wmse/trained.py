@@ -23,7 +23,7 @@ from .evaluate import evaluate_features, format_table
 from .methods import Method, build_method
 from .device import resolve_device
 from .diagnostics import nonfinite_rows
-from .fileio import write_atomic, write_text_atomic
+from .fileio import check_replaceable, remove_orphans, write_atomic, write_folder_atomic, write_text_atomic
 from .splits import load_run_data, normalization_stats
 from .scoring import encode, make_eval_transform
 
@@ -112,6 +112,7 @@ def evaluate_run(
     results = {"checkpoint": str(run.checkpoint), "epoch": run.epoch, "dataset": cfg.dataset,
                "features": "head" if head else "backbone", "note": data.note, **results}
     out = run.run_dir / ("eval_head.json" if head else "eval.json")
+    remove_orphans(run.run_dir)  # temporaries of writers that died (safe beside a live one: see fileio)
     write_text_atomic(out, json.dumps(results, indent=2))
     print(format_table({k: v for k, v in results.items() if k not in ("checkpoint", "note")}))
     print(f"({data.note}; written to {out})")
@@ -125,13 +126,18 @@ def export_backbone(run: TrainedRun, path: str | Path) -> Path:
     For ResNets the keys are those of ``wmse.models.torchvision_resnet(arch, image_size, in_channels)``,
     i.e. a plain torchvision ResNet with the same stem and ``fc = Identity``.
     """
+    blob = _backbone_bytes(run)
+    return write_atomic(path, lambda f: f.write(blob))
+
+
+def _backbone_bytes(run: TrainedRun) -> bytes:
+    """The safetensors file of :func:`export_backbone`."""
     from safetensors.torch import save
 
     state = {k: v.detach().contiguous().cpu() for k, v in run.method.backbone.state_dict().items()}
     meta = {"arch": run.cfg.arch, "image_size": str(run.cfg.image_size), "in_channels": str(run.in_channels),
             "format": "wmse-backbone-1", "spec": json.dumps(_description(run))}
-    blob = save(state, metadata=meta)
-    return write_atomic(path, lambda f: f.write(blob))
+    return save(state, metadata=meta)
 
 
 def _description(run: TrainedRun) -> dict:
@@ -159,6 +165,11 @@ def load_exported_backbone(path: str | Path) -> nn.Module:
     return model.eval()
 
 
+# The files of one embed (``embed_run``'s keys -> names), written and replaced together.
+EMBED_FILES = {"features": "features.npy", "labels": "labels.npy", "paths": "paths.txt",
+               "backbone": "backbone.safetensors", "backbone_spec": "backbone.json"}
+
+
 def embed_run(
     run_or_checkpoint: str | Path,
     out_dir: str | Path | None = None,
@@ -177,25 +188,20 @@ def embed_run(
     cfg = run.cfg.replace(**{k: v for k, v in (("dataset", dataset), ("data_dir", data_dir)) if v is not None})
     split = split or cfg.train_split
     out = Path(out_dir) if out_dir else run.run_dir / "embed" / split.replace("+", "_")
-    out.mkdir(parents=True, exist_ok=True)
+    check_replaceable(out, tuple(EMBED_FILES.values()))  # before the work: an unusable --out fails at once
     ds = load(cfg.dataset, split, cfg.data_dir)
     mean, std = _stats(run, lambda: normalization_stats(run.cfg.dataset, ds.images))
     feats = encode(run.method, ds.images, make_eval_transform(cfg, mean, std, dev, False), cfg, dev, head=head)
-    files = {"features": out / "features.npy", "labels": out / "labels.npy", "paths": out / "paths.txt",
-             "backbone": out / "backbone.safetensors", "backbone_spec": out / "backbone.json"}
+    blob = _backbone_bytes(run)
+    spec = json.dumps(_description(run), indent=2) + "\n"
+    writers = {"features": lambda f: np.save(f, feats.numpy()), "labels": lambda f: np.save(f, ds.labels.numpy()),
+               "paths": lambda f: f.write(("\n".join(str(p) for p in ds.paths) + "\n").encode()),
+               "backbone": lambda f: f.write(blob), "backbone_spec": lambda f: f.write(spec.encode())}
     if ds.paths is None:
-        del files["paths"]
-    written: list[Path] = []
-    try:  # each file atomically; on a failure (a full disk) the files of this call are removed again
-        written.append(write_atomic(files["features"], lambda f: np.save(f, feats.numpy())))
-        written.append(write_atomic(files["labels"], lambda f: np.save(f, ds.labels.numpy())))
-        if "paths" in files:
-            written.append(write_text_atomic(files["paths"], "\n".join(str(p) for p in ds.paths) + "\n"))
-        written.append(export_backbone(run, files["backbone"]))
-        written.append(write_text_atomic(files["backbone_spec"], json.dumps(_description(run), indent=2) + "\n"))
-    except BaseException:
-        for p in written:
-            p.unlink(missing_ok=True)
-        raise
+        del writers["paths"]
+    # one folder swapped in whole: a failure (a full disk) or a kill leaves the previous embed as it was
+    written = write_folder_atomic(out, {EMBED_FILES[k]: w for k, w in writers.items()},
+                                  owned=tuple(EMBED_FILES.values()))
+    files = {k: written[EMBED_FILES[k]] for k in writers}
     log(f"{len(ds)} x {feats.shape[1]} features of {cfg.dataset}/{split} -> {out}")
     return files

@@ -38,12 +38,13 @@ Why the code is shaped for speed, with the figures measured, is in ``benchmarks/
 # _colour is private; re-exported because tests/test_augment.py checks its two paths against each other.
 from .augmenter import Augmenter, _colour
 from .colour import adjust_hue, color_jitter, random_grayscale, rgb_to_grayscale
-from .eval import eval_transform
+from .eval import check_eval_crop, eval_transform
 from .params import ViewParams, sample_crop_boxes, sample_params
 from .recipe import AugmentConfig, validate_recipe
 from .resize import crop_workspace_size, resize_weights, resized_crop
 
 __all__ = ["AugmentConfig", "ViewParams", "Augmenter", "eval_transform", "sample_crop_boxes", "sample_params",
+           "check_eval_crop",
            "color_jitter", "random_grayscale",
            "resize_weights", "resized_crop", "crop_workspace_size", "adjust_hue", "rgb_to_grayscale",
            "validate_recipe"]

@@ -10,7 +10,25 @@ from torch import Tensor
 from .resize import resize_weights
 from .stats import _stats_tensor
 
-__all__ = ["eval_transform"]
+__all__ = ["eval_transform", "eval_resized_shape", "check_eval_crop"]
+
+
+def eval_resized_shape(height: int, width: int, resize: int | None) -> tuple[int, int]:
+    """(H, W) after the evaluation's Resize(shorter side = ``resize``) (torchvision's rounding); as is for None."""
+    if resize is None:
+        return height, width
+    short, long = min(height, width), max(height, width)
+    new_long = int(resize * long / short)
+    return (resize, new_long) if height <= width else (new_long, resize)
+
+
+def check_eval_crop(size: int, height: int, width: int, resize: int | None) -> None:
+    """ValueError unless the centre crop of ``size`` fits images of (height, width) after the optional resize."""
+    nh, nw = eval_resized_shape(height, width, resize)
+    if size > nh or size > nw:
+        shown = f"{height}x{width}" + (f" (resized to {nh}x{nw} by eval_resize={resize})" if resize else "")
+        raise ValueError(f"the evaluation centre-crops {size} px (eval_size, else image_size) from images of {shown}: "
+                         f"pass --eval_resize {size} (or larger), or a smaller --eval_size")
 
 
 def eval_transform(images: Tensor, size: int, mean: Sequence[float], std: Sequence[float],
@@ -31,9 +49,7 @@ def eval_transform(images: Tensor, size: int, mean: Sequence[float], std: Sequen
     n, c, height, width = images.shape
     x = images.to(torch.float32).div_(255.0)
     if resize is not None:
-        short, long = min(height, width), max(height, width)
-        new_long = int(resize * long / short)
-        nh, nw = (resize, new_long) if height <= width else (new_long, resize)
+        nh, nw = eval_resized_shape(height, width, resize)
         dev = images.device
         zero, one = torch.zeros(1, dtype=torch.int64, device=dev), torch.ones(1, dtype=torch.int64, device=dev)
         wy = resize_weights(zero, one * height, height, nh, interpolation)[0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from ..augment import validate_recipe
+from ..augment import check_eval_crop, validate_recipe
 from ..checks import check_choice, check_min, check_range
 from .schema import Config, all_fields
 
@@ -25,6 +25,12 @@ def _validate_augment(cfg: Config) -> None:
             f"eval_resize ({cfg.eval_resize}) is smaller than eval_size ({cfg.eval_size}); "
             "the centre crop must fit in the resized image"
         )
+    crop = cfg.eval_size or cfg.image_size
+    if cfg.resize is not None and crop is not None:  # --resize makes every image resize x resize at load time
+        try:
+            check_eval_crop(crop, cfg.resize, cfg.resize, cfg.eval_resize)
+        except ValueError as err:
+            raise ValueError(f"{err} (resize={cfg.resize} makes the images {cfg.resize}x{cfg.resize})") from None
 
 
 def _validate_splits(cfg: Config) -> None:
@@ -58,6 +64,8 @@ def _validate_optimisation(cfg: Config) -> None:
         raise ValueError(f"batch_size must be >= 2 (BatchNorm needs 2 samples), got {cfg.batch_size}")
     if cfg.lr <= 0:
         raise ValueError(f"field 'lr' must be > 0, got {cfg.lr}")
+    if cfg.lr > 1e36:  # Adam's first step is 10 * lr, applied in float32 (largest value ~3.4e38)
+        raise ValueError(f"field 'lr' must be at most 1e36 (updates are computed in float32), got {cfg.lr}")
     if not 0.0 < cfg.lr_drop_factor <= 1.0:
         raise ValueError(f"field 'lr_drop_factor' must be in (0, 1], got {cfg.lr_drop_factor}")
     if cfg.lr_drop_epochs is not None and any(e < 0 for e in cfg.lr_drop_epochs):
@@ -112,6 +120,9 @@ def validate(cfg: Config) -> None:
         check_min(name, getattr(cfg, name), 1)
     for name in ("max_steps", "eval_max_train", "threads", "sync_every", "augment_batches"):
         check_min(name, getattr(cfg, name), 1)
+    if cfg.eval_max_train is not None and cfg.eval_max_train < cfg.knn_k:
+        raise ValueError(f"eval_max_train ({cfg.eval_max_train}) is below knn_k ({cfg.knn_k}): the periodic kNN "
+                         "needs at least knn_k training images")
     if cfg.max_minutes is not None and cfg.max_minutes <= 0:
         raise ValueError(f"field 'max_minutes' must be > 0, got {cfg.max_minutes}")
     if cfg.ckpt_minutes is not None and cfg.ckpt_minutes <= 0:
