@@ -342,8 +342,8 @@ from wmse.methods import WMSE
 torch.manual_seed(0)
 method = WMSE(nn.Sequential(nn.Flatten(), nn.Linear(48, 12), nn.Tanh()),
               nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 4)), n_views=2, w_size=8, w_iter=2,
-              whiten_global=True).double()
-cfg = SimpleNamespace(method="wmse", whiten_global=True, seed=3, batch_size=16, w_size=8, sync_bn=False, device="cpu")
+              w_global=True).double()
+cfg = SimpleNamespace(method="wmse", w_global=True, seed=3, batch_size=16, w_size=8, sync_bn=False, device="cpu")
 rt = distributed.setup(cfg)
 g = torch.Generator().manual_seed(100)
 views = [torch.randn(16, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2)]

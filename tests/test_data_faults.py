@@ -19,14 +19,9 @@ from PIL import Image
 import wmse.data.archive as archive_mod
 from wmse.data import load
 
-TINY = ["--preset", "cifar10-quick", "--arch", "small", "--image_size", "16", "--emb", "8", "--head_hidden", "32",
-        "--w_size", "16", "--batch_size", "32", "--precision", "fp32", "--final_eval", "false", "--threads", "1",
-        "--max_steps", "1"]
+from test_reliability import TINY as RELIABILITY_TINY
 
-
-@pytest.fixture(autouse=True)
-def cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("WMSE_CACHE", str(tmp_path / "cache"))
+TINY = [*RELIABILITY_TINY, "--max_steps", "1"]  # a one-step CLI run
 
 
 def _pngs(folder: Path, n: int, seed: int = 0, size: int = 10) -> None:

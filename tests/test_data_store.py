@@ -20,14 +20,14 @@ from PIL import Image
 import wmse.data.store as store_mod
 from wmse.data import load
 
-TINY = ["--preset", "cifar10-quick", "--arch", "small", "--image_size", "16", "--emb", "8", "--head_hidden", "32",
-        "--w_size", "16", "--batch_size", "32", "--precision", "fp32", "--final_eval", "false", "--threads", "1",
-        "--max_steps", "1"]
+from test_reliability import TINY as RELIABILITY_TINY
+
+TINY = [*RELIABILITY_TINY, "--max_steps", "1"]  # a one-step CLI run
 
 
-@pytest.fixture(autouse=True)
-def cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("WMSE_CACHE", str(tmp_path / "cache"))
+@pytest.fixture
+def cache(tmp_path):
+    """The store folder (conftest points WMSE_CACHE here)."""
     return tmp_path / "cache"
 
 

@@ -272,8 +272,8 @@ def test_cli_image_size_a_vit_cannot_take_is_one_line_and_leaves_no_run(tiny_fol
 
     proc = subprocess.run([sys.executable, "-m", "wmse", "pretrain", "--dataset", "folder", "--data_dir", str(tiny_folder),
                            "--eval_split", "none", "--arch", VIT, "--arch_kwargs", json.dumps(TINY_VIT),
-                           "--image_size", "18", "--batch_size", "32", "--w_size", "16", "--emb", "8",
-                           "--out_dir", str(tmp_path / "runs")], capture_output=True, text=True, timeout=300)
+                           "--image_size", "18", "--eval_resize", "18", "--batch_size", "32", "--w_size", "16",
+                           "--emb", "8", "--out_dir", str(tmp_path / "runs")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("wmse pretrain: error: timm:vit_tiny_patch16_224 cannot take 18 px images"), line

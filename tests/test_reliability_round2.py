@@ -18,7 +18,7 @@ from PIL import Image
 
 from test_reliability import TINY, _file_size_limit, assert_one_line_error, wmse
 
-EMBED = ("features.npy", "labels.npy", "paths.txt", "backbone.safetensors")
+EMBED = ("backbone.json", "features.npy", "labels.npy", "paths.txt", "backbone.safetensors")
 
 
 @pytest.fixture

@@ -28,8 +28,12 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import Config, validate
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 __all__ = ["plan", "decide", "Decision", "STOP_CONDITIONS"]
 
@@ -64,13 +68,13 @@ def _refusal(path: Path, diff: dict[str, tuple]) -> Decision:
                                f"deliberately with `wmse pretrain --resume {path} --field value`")
 
 
-def _finished_note(path: Path, ckpt: dict, cfg: Config) -> str | None:
+def _finished_note(path: Path, ckpt: Checkpoint, cfg: Config) -> str | None:
     """Why the run has nothing left to do for this command, or None."""
-    if cfg.max_steps is not None and ckpt["step"] >= cfg.max_steps:
-        return (f"{path} has reached max_steps={cfg.max_steps} (step {ckpt['step']}); nothing to do. "
+    if cfg.max_steps is not None and ckpt.step >= cfg.max_steps:
+        return (f"{path} has reached max_steps={cfg.max_steps} (step {ckpt.step}); nothing to do. "
                 "A larger --max_steps (or none) continues it")
-    if ckpt["epoch"] >= cfg.epochs and not (cfg.final_eval and not (path / "final_eval.json").is_file()):
-        return f"{path} is already finished (epoch {ckpt['epoch']} of {cfg.epochs}); nothing to do"
+    if ckpt.epoch >= cfg.epochs and not (cfg.final_eval and not (path / "final_eval.json").is_file()):
+        return f"{path} is already finished (epoch {ckpt.epoch} of {cfg.epochs}); nothing to do"
     return None
 
 
@@ -100,15 +104,15 @@ def _without_checkpoint(path: Path, cfg: Config) -> Decision:
 
 def decide(cfg: Config) -> Decision:
     """What ``--auto_resume`` does for ``cfg`` (see the module docstring); run by one process (rank 0)."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import read_checkpoint
 
     path = Path(cfg.out_dir).expanduser() / cfg.run_name
     if not path.exists():
         return Decision("new")
     if not (path / "checkpoints" / "last.pt").is_file():
         return _without_checkpoint(path, cfg)
-    ckpt = load_checkpoint(path)
-    run_cfg = Config.from_dict(ckpt["config"])
+    ckpt = read_checkpoint(path)
+    run_cfg = Config.from_dict(ckpt.config)
     diff = differing_fields(cfg, run_cfg)
     if diff:
         return _refusal(path, diff)
@@ -118,7 +122,7 @@ def decide(cfg: Config) -> Decision:
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     why = f" (restart {restart} of the process group)" if restart else ""
     resumed = run_cfg.replace(**{k: getattr(cfg, k) for k in STOP_CONDITIONS})
-    return Decision("resume", f"--auto_resume: continuing {path} from its checkpoint at step {ckpt['step']}{why}",
+    return Decision("resume", f"--auto_resume: continuing {path} from its checkpoint at step {ckpt.step}{why}",
                     resumed.to_dict())
 
 

@@ -17,7 +17,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .checkpoint import load_checkpoint
+from .checkpoint import Checkpoint, read_checkpoint
 from .methods import build_method
 from .scoring import encode, make_eval_transform, subsample
 from .splits import load_run_data
@@ -40,11 +40,11 @@ def tsne_2d(features: torch.Tensor, seed: int) -> np.ndarray:
     return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
 
 
-def _initial_method(run, ckpt: dict):
+def _initial_method(run, ckpt: Checkpoint):
     """The run's random-init method, and where its weights come from (for the panel's title)."""
-    if "initial_method" in ckpt:
+    if ckpt.initial_method is not None:
         method = build_method(run.cfg, run.in_channels)
-        method.load_state_dict(ckpt["initial_method"])
+        method.load_state_dict(ckpt.initial_method)
         return method, "random init (the run's own, from its checkpoint)"
     torch.manual_seed(run.cfg.seed)
     return build_method(run.cfg, run.in_channels), f"random init (rebuilt with the run's seed {run.cfg.seed})"
@@ -75,7 +75,7 @@ def plot_feature_map(run_dir: str | Path, path: Path, max_points: int = 2000, lo
         return "the run's data has no labels to colour by"
     images, labels = subsample(data.eval_test_images, data.eval_test_labels, max_points, run.cfg.seed)
     transform = make_eval_transform(run.cfg, run.mean or data.mean, run.std or data.std, torch.device("cpu"), False)
-    initial, initial_title = _initial_method(run, load_checkpoint(run.checkpoint))
+    initial, initial_title = _initial_method(run, read_checkpoint(run.checkpoint))
     knn = _final_knn(run_dir)
     panels = []
     for name, method, title in (("trained", run.method, f"trained encoder (epoch {run.epoch})"),

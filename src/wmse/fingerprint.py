@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .data.loader import ImageView
+
 __all__ = ["data_fingerprint", "fingerprint_change", "run_fingerprint", "check_resume_data"]
 
 _CHUNK = 4096  # images hashed at once: bounds the temporary to a few MB whatever the dataset's size
@@ -22,17 +24,18 @@ def _weights(words: int) -> np.ndarray:
     return np.random.default_rng(0x5EED).integers(1, 2**63, size=words, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
 
 
-def _image_hashes(images: Tensor, labels: Tensor) -> np.ndarray:
-    """(N,) uint64: a multiply-and-add hash of each uint8 image's bytes, mixed with its label."""
+def _image_hashes(images: Tensor | ImageView, labels: Tensor) -> np.ndarray:
+    """(N,) uint64: a multiply-and-add hash of each uint8 image's bytes, mixed with its label. ``images``: a uint8
+    (N, C, H, W) tensor or an index view of one (read a chunk at a time)."""
     n = len(images)
-    flat = images.reshape(n, -1)
-    pad = (-flat.shape[1]) % 8
-    words = (flat.shape[1] + pad) // 8
+    size = int(np.prod(images.shape[1:]))
+    pad = (-size) % 8
+    words = (size + pad) // 8
     w = _weights(words + 1)
     out = np.empty(n, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for start in range(0, n, _CHUNK):
-            chunk = flat[start:start + _CHUNK].cpu().numpy()
+            chunk = images[start:start + _CHUNK].reshape(-1, size).cpu().numpy()
             if pad:
                 chunk = np.pad(chunk, ((0, 0), (0, pad)))
             x = np.ascontiguousarray(chunk).view(np.uint64)

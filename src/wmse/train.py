@@ -480,5 +480,5 @@ def _final_eval(job: Job, state: TrainState) -> None:
             signal.signal(s, h)
     write_text_atomic(job.run_dir / "final_eval.json", json.dumps({"note": job.data.note, **results}, indent=2))
     print(format_final(results, job.data.note))
-    for mirror in job.metrics.mirrors:
+    for mirror in job.metrics.mirrors if job.metrics is not None else []:  # None: a resume that only evaluates
         mirror.final(results, job.data.note)

@@ -164,14 +164,17 @@ def write_store(path: Path, key: str, decoded: Iterable[list[Decoded]], names: l
         writer = _Writer(f, path.parent, len(names), what)
         kept, bad = [], []
         i = 0
-        for chunk in decoded:
-            for d in chunk:
-                if isinstance(d, str):
-                    bad.append((names[i], d))
-                else:
-                    writer.add(d)
-                    kept.append(i)
-                i += 1
+        try:
+            for chunk in decoded:
+                for d in chunk:
+                    if isinstance(d, str):
+                        bad.append((names[i], d))
+                    else:
+                        writer.add(d)
+                        kept.append(i)
+                    i += 1
+        finally:  # a failure (sizes differ) closes the decode now, not at exit when its pool's pipes are gone
+            getattr(decoded, "close", lambda: None)()
         if bad:
             warn_skipped(what, [f"{prefix}{name} ({msg})" for name, msg in bad], len(names), stacklevel=4)
         if not kept:
