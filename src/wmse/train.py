@@ -138,36 +138,16 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None, allow_data
         run = _open_run_directory(cfg, resume, rt)
 
         # ============ data, method, optimizer, augmentation, batches ============
-        data = load_run_data(cfg, log)
-        if len(data.train) < cfg.batch_size:
-            raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training set ({len(data.train)} images)")
-        if cfg.image_size is None:  # the images' own side (an image folder without a preset)
-            cfg = cfg.replace(image_size=min(data.train.images.shape[2:]))
-        check_eval_fits(cfg, data)  # a crop that cannot fit fails now, not at the first evaluation
-        fingerprint = check_resume_data(ckpt, data, allow_data_change, log)  # on a resume: the same data?
-        job = build_job(cfg, rt, data, run.path, log)
-        job.fingerprint = fingerprint
-        state = _restore(job, ckpt, resume) if ckpt is not None else TrainState()
+        job, state = _build(cfg, rt, run.path, ckpt, resume, allow_data_change, log)
+        cfg = job.cfg  # with the image size of the data when the config left it open
         if state.epoch >= cfg.epochs:
             failed = False
-            if rt.is_main and _final_eval_missing(job):
-                log(f"{run.path} is trained (epoch {state.epoch} of {cfg.epochs}) but its final evaluation is "
-                    "missing: running it now")
-                _final_eval(job, state)
-                return run.path
-            log(f"{run.path} is already finished (epoch {state.epoch} of {cfg.epochs}); nothing to do. "
-                "To train longer, resume with a larger --epochs")
+            _already_trained(job, state)
             return run.path
 
         # ============ logging ============
         if rt.is_main:
-            if ckpt is not None:
-                run.truncate_metrics(state.step)
-            job.metrics = MetricsLog(run.path, purge_step=state.step + 1 if ckpt is not None else None,
-                                     mirrors=open_mirrors(cfg, run.path))
-            run.write_config(cfg.to_dict(), _provenance(cfg))
-            _announce(job, ckpt is not None)
-            job.progress = Progress(job.total_steps)
+            _open_logging(job, run, ckpt is not None, state)
 
         # ============ training ============
         job.stop = StopFlag(announce=rt.is_main, max_minutes=cfg.max_minutes, ckpt_minutes=cfg.ckpt_minutes)
@@ -189,6 +169,45 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=None, allow_data
         if run is not None and rt.is_main:
             run.close(failed=failed)
         distributed.cleanup(rt)
+
+
+def _build(cfg: Config, rt: distributed.Runtime, run_dir: Path, ckpt: Checkpoint | None, resume,
+           allow_data_change: bool, log) -> tuple[Job, TrainState]:
+    """The run's data (checked against the checkpoint's), its job, and where training stands."""
+    data = load_run_data(cfg, log)
+    if len(data.train) < cfg.batch_size:
+        raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training set ({len(data.train)} images)")
+    if cfg.image_size is None:  # the images' own side (an image folder without a preset)
+        cfg = cfg.replace(image_size=min(data.train.images.shape[2:]))
+    check_eval_fits(cfg, data)  # a crop that cannot fit fails now, not at the first evaluation
+    fingerprint = check_resume_data(ckpt, data, allow_data_change, log)  # on a resume: the same data?
+    job = build_job(cfg, rt, data, run_dir, log)
+    job.fingerprint = fingerprint
+    return job, _restore(job, ckpt, resume) if ckpt is not None else TrainState()
+
+
+def _already_trained(job: Job, state: TrainState) -> None:
+    """A run with no epoch left: its final evaluation when that is missing, else the note that it is done."""
+    cfg, log = job.cfg, job.log
+    if job.rt.is_main and _final_eval_missing(job):
+        log(f"{job.run_dir} is trained (epoch {state.epoch} of {cfg.epochs}) but its final evaluation is "
+            "missing: running it now")
+        _final_eval(job, state)
+        return
+    log(f"{job.run_dir} is already finished (epoch {state.epoch} of {cfg.epochs}); nothing to do. "
+        "To train longer, resume with a larger --epochs")
+
+
+def _open_logging(job: Job, run: RunDirectory, resumed: bool, state: TrainState) -> None:
+    """metrics.jsonl (cut back to the checkpoint on a resume), its mirrors, config.json and the progress line."""
+    cfg = job.cfg
+    if resumed:
+        run.truncate_metrics(state.step)
+    job.metrics = MetricsLog(run.path, purge_step=state.step + 1 if resumed else None,
+                             mirrors=open_mirrors(cfg, run.path))
+    run.write_config(cfg.to_dict(), _provenance(cfg))
+    _announce(job, resumed)
+    job.progress = Progress(job.total_steps)
 
 
 def _open_run_directory(cfg: Config, resume, rt: distributed.Runtime) -> RunDirectory:
