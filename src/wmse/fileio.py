@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["write_atomic", "save_atomic", "write_text_atomic", "write_folder_atomic", "check_replaceable",
-           "TMP_SUFFIX", "remove_orphans"]
+           "TMP_SUFFIX", "remove_orphans", "error_naming"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -71,6 +71,11 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any], mode: int 
     return path
 
 
+def error_naming(err: OSError, path: str | Path) -> OSError:
+    """``err`` itself when it names a file, else the same error naming ``path`` (so its message says where)."""
+    return err if err.filename else OSError(err.errno, err.strerror or str(err), str(path))
+
+
 @contextmanager
 def _naming_errors(path: Path):
     """OSErrors that name no file (closing a buffered file flushes it again, and fails again) name ``path``."""
@@ -79,7 +84,7 @@ def _naming_errors(path: Path):
     except OSError as err:
         if err.filename:
             raise
-        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        raise error_naming(err, path) from err
 
 
 def _write_synced(raw: IO[bytes], write: Callable[[IO[bytes]], Any], path: Path) -> None:

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from .fileio import error_naming
+
 
 def format_seconds(s: float) -> str:
     if not math.isfinite(s):
@@ -93,7 +95,7 @@ class MetricsLog:
             self.file.flush()
         except OSError as err:
             self.failed = True
-            raise _naming(err, self.path) from err
+            raise error_naming(err, self.path) from err
         for mirror in self.mirrors:
             mirror.write(record)
         if self.tb is not None:
@@ -103,7 +105,7 @@ class MetricsLog:
                         self.tb.add_scalar(f"{kind}/{key}", value, step)
             except OSError as err:  # the writer thread's failure, raised again by the next write
                 self.failed = True
-                raise _naming(err, self.tb_dir) from err
+                raise error_naming(err, self.tb_dir) from err
 
     def close(self) -> None:
         if self.file.closed:
@@ -118,11 +120,6 @@ class MetricsLog:
                 self.failed = True
         for mirror in self.mirrors:
             mirror.close()
-
-
-def _naming(err: OSError, path: Path) -> OSError:
-    """``err`` with ``filename`` set to ``path`` when it names none (so the message says where)."""
-    return err if err.filename else OSError(err.errno, err.strerror or str(err), str(path))
 
 
 _quiet = False
