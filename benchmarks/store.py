@@ -6,7 +6,10 @@
    (cold: the file's pages dropped with posix_fadvise(DONTNEED) first).
 3. Batch gathers (``index_select`` of --batch random images, as BatchLoader does on the CPU) from the
    mapped store against the same images in an in-memory tensor, interleaved in one run (warm: every page
-   touched once before); and a cold first epoch (pages dropped, then opened and one epoch gathered).
+   touched once before); and a cold first epoch (pages dropped, then opened and one epoch gathered; the
+   open's CRC check reads every page, so the epoch after it finds them cached).
+4. The run's data fingerprint (wmse.fingerprint: one hash per image, taken at every start and resume) of
+   each store, warm.
 
     python benchmarks/store.py                      # stores under /work/bigdata/data/store-bench
     python benchmarks/store.py --big_gb 0.5         # quicker
@@ -28,6 +31,7 @@ import torch
 
 from augment import CIFAR_DIR, cpu_info
 from wmse.data.store import read_store, write_store
+from wmse.fingerprint import data_fingerprint
 
 
 def synthetic_store(path: Path, n: int, side: int) -> Path:
@@ -113,11 +117,14 @@ def main() -> None:
         images = read_store(path).images
         ratio = gather_ratio(images, args.batch if images.shape[-1] == 32 else 64, args.reps)
         epoch = cold_epoch(path, args.batch if images.shape[-1] == 32 else 64)
+        labels = torch.zeros(images.shape[0], dtype=torch.int64)
+        fingerprint = timed(lambda: data_fingerprint([(images, labels)], None))
         out[name] = {"bytes": path.stat().st_size, "open_warm_s": warm, "open_cold_s": cold, "gather": ratio,
-                     "cold_first_epoch": epoch}
+                     "cold_first_epoch": epoch, "fingerprint_s": fingerprint}
         print(f"{name}: {path.stat().st_size / 1e9:.2f} GB; open (checks included) warm {warm:.3f} s, cold {cold:.2f} s;"
               f" gather mapped {ratio['mapped_ms']:.3f} ms vs in memory {ratio['in_memory_ms']:.3f} ms "
-              f"(ratio {ratio['ratio']:.3f}); cold: open {epoch['open_s']:.2f} s + first epoch {epoch['epoch_s']:.2f} s")
+              f"(ratio {ratio['ratio']:.3f}); cold: open {epoch['open_s']:.2f} s + first epoch {epoch['epoch_s']:.2f} s; "
+              f"fingerprint {fingerprint:.2f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")

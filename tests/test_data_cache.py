@@ -93,10 +93,19 @@ def test_cache_off_and_unwritable_cache(tmp_path, counted, monkeypatch):
     load("folder", root=tmp_path / "tree", cache=False)
     assert counted == [6, 6] and cache_files(tmp_path) == []
 
-    monkeypatch.setattr(store_mod, "_writable", lambda folder: False)  # root may write anywhere: say it cannot
-    with pytest.warns(UserWarning, match="WMSE_CACHE"):
+    monkeypatch.setattr(store_mod, "_unwritable", lambda folder: "no write permission")  # root may write anywhere
+    with pytest.warns(UserWarning, match="no write permission.*WMSE_CACHE"):
         ds = load("folder", root=tmp_path / "tree")
     assert len(ds) == 6 and cache_files(tmp_path) == []
+
+
+def test_cache_path_that_is_a_file_says_so(tmp_path, counted, monkeypatch):
+    make_tree(tmp_path / "tree")
+    (tmp_path / "cachefile").write_text("not a folder")
+    monkeypatch.setenv("WMSE_CACHE", str(tmp_path / "cachefile"))
+    with pytest.warns(UserWarning, match=r"cachefile \(it is a file, not a folder\).*WMSE_CACHE"):
+        ds = load("folder", root=tmp_path / "tree")
+    assert len(ds) == 6 and counted == [6] and (tmp_path / "cachefile").read_text() == "not a folder"
 
 
 def test_corrupt_cache_file_is_rebuilt(tmp_path, counted):

@@ -451,7 +451,7 @@ def test_image_dataset_validates():
 
 def test_compute_stats_matches_float64_numpy():
     x = torch.randint(0, 256, (37, 3, 5, 7), dtype=torch.uint8)
-    mean, std = compute_stats(x, chunk=10)
+    mean, std = compute_stats(x, chunk_pixels=10 * 5 * 7)
     ref = x.numpy().astype(np.float64) / 255.0
     np.testing.assert_allclose(mean, ref.mean(axis=(0, 2, 3)), rtol=1e-10)
     np.testing.assert_allclose(std, ref.std(axis=(0, 2, 3)), rtol=1e-8)

@@ -21,7 +21,7 @@ from wmse.data.loader import BatchLoader, ImageView, as_view
 from wmse.evaluate import extract_features
 from wmse.progress import read_metrics
 from wmse.scoring import subsample
-from wmse.splits import DatasetSubset, load_run_data, pixel_stats, subset
+from wmse.splits import DatasetSubset, load_run_data, subset
 from wmse.train import pretrain
 
 
@@ -94,7 +94,7 @@ def test_views_of_a_readonly_memory_map_gather_and_load(tmp_path):
     got = [(x, y) for x, y in BatchLoader(view, 4, labels=idx, seed=5).epoch(1)]
     want = [(x, y) for x, y in BatchLoader(base[idx].clone(), 4, labels=idx, seed=5).epoch(1)]
     assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(got, want)) and len(got) == 3
-    assert pixel_stats(view, chunk_pixels=60) == compute_stats(base[idx])
+    assert compute_stats(view, chunk_pixels=60) == float64_stats(base[idx])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -112,6 +112,15 @@ def test_cuda_batches_of_a_mapped_view_match_those_of_a_copy(tmp_path):
 # ------------------------------------------------------------------------------------------ statistics
 
 
+def float64_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The whole-set pass wmse used before the streamed one: every pixel in float64, E[x^2] - mean^2."""
+    a = x.to(torch.float64)
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = a.sum(dim=(0, 2, 3)) / count
+    var = (a.square().sum(dim=(0, 2, 3)) / count - mean.square()).clamp_min(0.0)
+    return tuple((mean / 255.0).tolist()), tuple((var.sqrt() / 255.0).tolist())
+
+
 def numpy_stats(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     a = x.numpy().astype(np.float64) / 255.0
     return a.mean(axis=(0, 2, 3)), a.std(axis=(0, 2, 3))
@@ -123,8 +132,8 @@ def test_streamed_stats_equal_the_whole_set_formula_and_a_float64_reference(shap
     gen = torch.Generator().manual_seed(sum(shape))
     x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
     x[: shape[0] // 2] //= 4  # unequal halves: a chunk-order or weighting mistake shows
-    mean, std = pixel_stats(x, chunk_pixels=chunk)
-    assert (mean, std) == compute_stats(x, chunk=shape[0])  # today's whole-set pass, bit for bit
+    mean, std = compute_stats(x, chunk_pixels=chunk)
+    assert (mean, std) == float64_stats(x)  # the former whole-set pass, bit for bit
     ref_mean, ref_std = numpy_stats(x)
     np.testing.assert_allclose(mean, ref_mean, rtol=0, atol=1e-9)
     np.testing.assert_allclose(std, ref_std, rtol=0, atol=1e-9)
@@ -132,8 +141,8 @@ def test_streamed_stats_equal_the_whole_set_formula_and_a_float64_reference(shap
 
 def test_streamed_stats_of_a_real_folder(tiny_folder):
     ds = load("folder", root=tiny_folder)
-    mean, std = pixel_stats(ds.images, chunk_pixels=16 * 16 * 10)
-    assert (mean, std) == compute_stats(ds.images)
+    mean, std = compute_stats(ds.images, chunk_pixels=16 * 16 * 10)
+    assert (mean, std) == float64_stats(ds.images)
     ref_mean, ref_std = numpy_stats(ds.images)
     np.testing.assert_allclose(mean, ref_mean, atol=1e-6)
     np.testing.assert_allclose(std, ref_std, atol=1e-6)
@@ -145,15 +154,15 @@ def test_streamed_stats_read_one_chunk_at_a_time(monkeypatch):
     real = torch.bincount
     monkeypatch.setattr(torch, "bincount", lambda t, **kw: seen.append(t.numel()) or real(t, **kw))
     x = images(100, h=10, w=10)
-    pixel_stats(x, chunk_pixels=700)  # 7 images of 100 pixels per chunk
+    compute_stats(x, chunk_pixels=700)  # 7 images of 100 pixels per chunk
     assert max(seen) == 700 and len(seen) == 3 * 15
     seen.clear()
-    pixel_stats(x, chunk_pixels=10)  # smaller than one image: one image per chunk
+    compute_stats(x, chunk_pixels=10)  # smaller than one image: one image per chunk
     assert max(seen) == 100
     with pytest.raises(ValueError, match="uint8"):
-        pixel_stats(x.float())
+        compute_stats(x.float())
     with pytest.raises(ValueError, match="non-empty"):
-        pixel_stats(x[:0])
+        compute_stats(x[:0])
 
 
 # ------------------------------------------------------------------------- the run's data and losses
@@ -169,7 +178,7 @@ def test_the_held_out_split_and_the_training_set_are_views_of_one_tensor(tiny_fo
     full = load("folder", root=tiny_folder)
     assert torch.equal(data.eval_test_images[:], full.images[held])
     assert torch.equal(data.eval_test_labels, full.labels[held])
-    assert (data.mean, data.std) == compute_stats(full.images)  # statistics of the whole training split
+    assert (data.mean, data.std) == float64_stats(full.images)  # statistics of the whole training split
 
 
 def test_subsample_is_a_view_of_the_same_images_as_before():

@@ -28,7 +28,7 @@ TINY = ["--dataset", "folder", "--arch", "small", "--image_size", "16", "--emb",
 def test_sweep_scores_on_held_out_training_images(sweep, tiny_folder, tmp_path):
     out = tmp_path / "sweep"
     result = sweep.main(["--out", str(out), "--grid", "tiny", "--data_dir", str(tiny_folder), "--holdout", "0.25",
-                         "--seed", "3", "--", *TINY, "--eval_split", "test"])  # overridden: held-out only
+                         "--seed", "3", "--jobs", "2", "--", *TINY, "--eval_split", "test"])  # overridden: held-out only
     assert result["winner"] in sweep.GRIDS["tiny"] and len(result["rows"]) == 2
     for point in sweep.GRIDS["tiny"]:
         run = out / sweep.run_name(point)

@@ -19,14 +19,10 @@ import torch
 from torch import Tensor
 
 from .config import Config
-from .data import ImageDataset, dataset_stats, load, split_per_class
+from .data import ImageDataset, compute_stats, dataset_stats, load, split_per_class
 from .data.loader import ImageView, as_view
 
-__all__ = ["RunData", "DatasetSubset", "load_run_data", "normalization_stats", "pixel_stats", "subset"]
-
-#: Pixels per channel read at once by :func:`pixel_stats` (16 Mi: the one temporary, a channel of a chunk, is 16 MB).
-STATS_CHUNK_PIXELS = 1 << 24
-
+__all__ = ["RunData", "DatasetSubset", "load_run_data", "normalization_stats", "subset"]
 
 @dataclass
 class RunData:
@@ -75,47 +71,12 @@ def subset(ds: ImageDataset | DatasetSubset, idx: Tensor) -> DatasetSubset:
     return DatasetSubset(ImageView(ds.images, idx), ds.labels[idx], ds.classes, paths, ds.name)
 
 
-def pixel_stats(images: Tensor | ImageView, chunk_pixels: int = STATS_CHUNK_PIXELS
-                ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and (population) std of uint8 images, in [0, 1] units, in one streamed pass.
-
-    Each chunk of whole images adds to a 256-bin histogram per channel (exact int64 counts), so memory is
-    one chunk (``chunk_pixels`` pixels per channel, at least one image) whatever the number of images, and
-    no pixel is converted to float. The histogram's sums of x and x^2 are exact integers; mean and variance
-    are then taken from them in float64 as :func:`wmse.data.compute_stats` does (E[x^2] - mean^2, whose
-    rounding error here is far below 1e-9 since the sums are exact).
-
-    Args:
-        images: uint8 ``(N, C, H, W)``, a tensor (a memory map works) or an :class:`ImageView`.
-    Returns:
-        ``(mean, std)``, each a tuple of C floats.
-    """
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError(f"pixel_stats: images must be a non-empty uint8 (N, C, H, W) tensor, got "
-                         f"{images.dtype} {tuple(images.shape)}")
-    n, c, h, w = images.shape
-    counts = torch.zeros(c, 256, dtype=torch.int64)
-    step = max(1, chunk_pixels // (h * w))
-    for start in range(0, n, step):
-        chunk = images[start:start + step]
-        for ch in range(c):
-            counts[ch] += torch.bincount(chunk[:, ch].reshape(-1), minlength=256)
-    values = torch.arange(256, dtype=torch.int64)
-    # Exact integer sums, then compute_stats' float64 formula: the same values as the whole-set pass, bit for bit.
-    total = (counts * values).sum(1).to(torch.float64)
-    total_sq = (counts * values.square()).sum(1).to(torch.float64)
-    count = n * h * w
-    mean = total / count
-    var = (total_sq / count - mean.square()).clamp_min(0.0)
-    return tuple((mean / 255.0).tolist()), tuple((var.sqrt() / 255.0).tolist())
-
-
 def normalization_stats(dataset: str, images: Tensor | ImageView) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The dataset's published mean/std, or those of the images themselves (image folders)."""
     try:
         return dataset_stats(dataset)
     except (KeyError, ValueError):
-        return pixel_stats(images)
+        return compute_stats(images)
 
 
 def _load(cfg: Config, split: str, root=None) -> ImageDataset:

@@ -212,25 +212,40 @@ def dataset_stats(name: str) -> Stats:
     return spec.stats
 
 
-def compute_stats(images: Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and (population) std of uint8 images, in [0, 1] units.
+#: Pixels per channel read at once by :func:`compute_stats` (16 Mi: its one temporary, a channel of a chunk, is 16 MB).
+STATS_CHUNK_PIXELS = 1 << 24
+
+
+def compute_stats(images, chunk_pixels: int = STATS_CHUNK_PIXELS) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 images, in [0, 1] units, in one streamed pass.
+
+    Each chunk of whole images adds to a 256-bin histogram per channel (exact int64 counts), so memory is
+    one chunk (``chunk_pixels`` pixels per channel, at least one image) whatever the number of images, and
+    no pixel is converted to float. The sums of x and x^2 taken from the histogram are exact integers; mean
+    and variance then come from them in float64 (E[x^2] - mean^2, whose rounding error is far below 1e-9
+    because the sums are exact).
 
     Args:
-        images: uint8 ``(N, C, H, W)``.
-        chunk: images per accumulation step (bounds the float64 temporary memory).
+        images: uint8 ``(N, C, H, W)``: a tensor (a memory map works) or an index view
+            (:class:`wmse.data.loader.ImageView`).
+        chunk_pixels: pixels per channel read at once.
     Returns:
         ``(mean, std)``, each a tuple of C floats.
     """
-    if images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError(f"compute_stats: images must be a non-empty (N, C, H, W) tensor, got {tuple(images.shape)}")
-    c = images.shape[1]
-    total = torch.zeros(c, dtype=torch.float64)
-    total_sq = torch.zeros(c, dtype=torch.float64)
-    for start in range(0, images.shape[0], chunk):
-        x = images[start:start + chunk].to(torch.float64)
-        total += x.sum(dim=(0, 2, 3))
-        total_sq += x.square().sum(dim=(0, 2, 3))
-    count = images.shape[0] * images.shape[2] * images.shape[3]
+    if images.dtype != torch.uint8 or len(images.shape) != 4 or images.shape[0] == 0:
+        raise ValueError(f"compute_stats: images must be a non-empty uint8 (N, C, H, W) tensor, got "
+                         f"{images.dtype} {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    counts = torch.zeros(c, 256, dtype=torch.int64)
+    step = max(1, chunk_pixels // (h * w))
+    for start in range(0, n, step):
+        chunk = images[start:start + step]
+        for ch in range(c):
+            counts[ch] += torch.bincount(chunk[:, ch].reshape(-1), minlength=256)
+    values = torch.arange(256, dtype=torch.int64)
+    total = (counts * values).sum(1).to(torch.float64)
+    total_sq = (counts * values.square()).sum(1).to(torch.float64)
+    count = n * h * w
     mean = total / count
     var = (total_sq / count - mean.square()).clamp_min(0.0)
     return tuple((mean / 255.0).tolist()), tuple((var.sqrt() / 255.0).tolist())

@@ -249,12 +249,15 @@ def open_store(path: Path, key: str) -> Store | None:
         return None
 
 
-def _writable(folder: Path) -> bool:
+def _unwritable(folder: Path) -> str | None:
+    """Why no store can be written in ``folder`` (None when one can)."""
+    if folder.exists() and not folder.is_dir():
+        return "it is a file, not a folder"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    return os.access(folder, os.W_OK)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None if os.access(folder, os.W_OK) else "no write permission"
 
 
 def cached_store(cache_dir: Path, key: str, build: Callable[[Path], None], what: str, keep: bool = True,
@@ -265,11 +268,12 @@ def cached_store(cache_dir: Path, key: str, build: Callable[[Path], None], what:
     store (in ``cache_dir`` if writable, else the temporary folder) that is unlinked once mapped: the pixels
     still live on disk, not in memory. A hit repeats the build's warning about skipped files.
     """
-    writable = _writable(cache_dir)
+    why_not = _unwritable(cache_dir)
+    writable = why_not is None
     anonymous = not keep or not writable
     if keep and not writable:
-        warnings.warn(f"could not write decode cache in {cache_dir}; using a temporary one (set WMSE_CACHE to a "
-                      "writable directory to keep it)", stacklevel=3)
+        warnings.warn(f"could not write decode cache in {cache_dir} ({why_not}); using a temporary one (set "
+                      "WMSE_CACHE to a writable folder to keep it)", stacklevel=3)
     if not anonymous:
         path = cache_dir / f"{key}{SUFFIX}"
         store = open_store(path, key)
